@@ -1,0 +1,175 @@
+"""Linear evaluation: a frozen SimSiam backbone (eval mode throughout) and a trained linear classifier.
+
+    python linear.py --model_path results/<name>_model.pth
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from model import cifar_resnet
+
+UserError = utils.UserError
+
+
+def parse_args(argv=None):
+    p = utils.Parser(description='Linear evaluation of a SimSiam checkpoint written by main.py.')
+    p.add_argument('--model_path', default='results/resnet50_cifar10_2048_200_512_800_model.pth',
+                   help='a <name>_model.pth written by main.py')
+    p.add_argument('--batch_size', type=utils.positive_int, default=256, help='images per step')
+    p.add_argument('--epochs', type=utils.positive_int, default=90, help='passes over the training set')
+    p.add_argument('--lr', type=utils.positive_float, default=30.0,
+                   help='base learning rate; the optimiser uses lr x batch_size / 256')
+    p.add_argument('--momentum', type=utils.non_negative_float, default=0.9, help='SGD momentum')
+    p.add_argument('--dataset', default=None, choices=utils.DATASETS,
+                   help='evaluation data (default: the dataset the model was pretrained on)')
+    p.add_argument('--data_root', default=None, help='where the data lives (default: as in pretraining)')
+    p.add_argument('--results_dir', default='results', help='where the CSV and the model go')
+    p.add_argument('--num_workers', type=utils.non_negative_int, default=utils.available_cpus(),
+                   help='DataLoader worker processes (default: the CPUs this process may use)')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
+    return p.parse_args(argv)
+
+
+def output_name(model_path):
+    """<name> of `<name>_model.pth`, so evaluations of different models never overwrite each other."""
+    base = os.path.basename(model_path)
+    for suffix in ('_model.pth', '.pth', '.pt'):
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return base
+
+
+def load_backbone(ckpt, path):
+    """Rebuild the backbone a main.py checkpoint describes and load its weights strictly."""
+    try:
+        arch = ckpt['model_args']['arch']
+        state = ckpt['state_dict']
+        backbone, dim = cifar_resnet(arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f'--model_path {path!r} does not describe a SimSiam model ({e})') from None
+    weights = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    result = backbone.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f'--model_path {path!r} does not fit a {arch} backbone: '
+                        f'missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}')
+    return backbone, dim
+
+
+def accuracy_counts(logits, labels):
+    ranked = logits.argsort(dim=1, descending=True)
+    return utils.topk_correct(ranked, labels)
+
+
+def run_epoch(backbone, head, batches, optimizer, device):
+    """Train (optimizer given) or test the head on batches of (x, y); returns loss and acc@1, acc@5 in %."""
+    training = optimizer is not None
+    head.train(training)
+    backbone.eval()  # BN statistics of the frozen backbone never change
+    total_loss, total_top1, total_top5, total = 0.0, 0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            feature = backbone(x)
+        with torch.set_grad_enabled(training):
+            logits = head(feature)
+            loss = F.cross_entropy(logits, y)
+        if training:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        top1, top5 = accuracy_counts(logits.detach(), y)
+        total += len(y)
+        total_loss += loss.item() * len(y)
+        total_top1 += top1
+        total_top5 += top5
+        if hasattr(batches, 'set_postfix'):
+            batches.set_postfix(loss=f'{total_loss / total:.4f}', acc1=f'{100 * total_top1 / total:.2f}')
+    return total_loss / total, 100.0 * total_top1 / total, 100.0 * total_top5 / total
+
+
+def test_batches(data, batch_size):
+    for start in range(0, len(data), batch_size):
+        yield utils.normalize(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_entries(module, before):
+    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+
+
+def main(args):
+    print('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
+    device = utils.resolve_device(args.device)
+    ckpt = utils.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')
+    utils.check_writable(args.results_dir)
+    backbone, dim = load_backbone(ckpt, args.model_path)
+    dataset = args.dataset or ckpt['args']['dataset']
+    data_root = args.data_root or ckpt['args']['data_root']
+    train = utils.load_dataset(dataset, data_root, train=True)
+    test = utils.load_dataset(dataset, data_root, train=False, classes=train.classes)
+    if args.batch_size > len(train):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the training set '
+                        f'({len(train)} images): no step would run')
+    print(f'model: {ckpt["model_args"]["arch"]} from {args.model_path} (epoch {ckpt["epoch"]}); data: '
+          f'{dataset}, {len(train)} train / {len(test)} test images; device: {device}', flush=True)
+
+    torch.manual_seed(args.seed)
+    backbone = backbone.to(device).eval()
+    backbone.requires_grad_(False)
+    head = torch.nn.Linear(dim, len(train.classes)).to(device)
+    head.weight.data.normal_(mean=0.0, std=0.01)
+    head.bias.data.zero_()
+    init_lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=0.0)
+    frozen = snapshot(backbone)
+    dataset_views = utils.AugmentedViews(train, utils.linear_transform(), args.seed, views=1)
+
+    name = output_name(args.model_path)
+    csv_path = os.path.join(args.results_dir, f'{name}_linear_statistics.csv')
+    model_path = os.path.join(args.results_dir, f'{name}_linear_model.pth')
+    columns = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        for group in optimizer.param_groups:
+            group['lr'] = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
+        loader = torch.utils.data.DataLoader(
+            dataset_views, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
+            num_workers=args.num_workers, pin_memory=device.type == 'cuda')
+        start = time.time()
+        bar = tqdm(loader, desc=f'Linear Epoch [{epoch}/{args.epochs}]', dynamic_ncols=True)
+        train_loss, train_top1, train_top5 = run_epoch(backbone, head, bar, optimizer, device)
+        test_loss, test_top1, test_top5 = run_epoch(backbone, head, test_batches(test, args.batch_size),
+                                                    None, device)
+        if epoch == 1:
+            changed = changed_entries(backbone, frozen)
+            if changed:
+                raise RuntimeError(f'the frozen backbone changed during linear evaluation: {changed[:4]}')
+        rows.append({'epoch': epoch, 'train_loss': train_loss, 'train_acc@1': train_top1,
+                     'train_acc@5': train_top5, 'test_loss': test_loss, 'test_acc@1': test_top1,
+                     'test_acc@5': test_top5})
+        utils.write_csv(rows, columns, csv_path)
+        utils.save_checkpoint({
+            'kind': 'simsiam_linear', 'epoch': epoch, 'backbone': backbone.state_dict(),
+            'head': head.state_dict(), 'model_args': ckpt['model_args'], 'classes': train.classes,
+            'args': vars(args), 'pretrain_args': ckpt['args'],
+        }, model_path)
+        print(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
+              f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
+              f'({time.time() - start:.1f} s)', flush=True)
+    best = max(r['test_acc@1'] for r in rows)
+    print(f'done: statistics in {csv_path}, model in {model_path}; test acc@1 last {rows[-1]["test_acc@1"]:.2f}%,'
+          f' best {best:.2f}%', flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(utils.cli(main, parse_args))

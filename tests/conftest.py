@@ -1,0 +1,117 @@
+"""Generated data for the tests: coloured shapes, written as an image folder or in the CIFAR-10 layout."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+
+
+def shape_mask(kind, cy, cx, r, size=32):
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    dy, dx = y - cy, x - cx
+    if kind == 'circle':
+        return dy ** 2 + dx ** 2 <= r ** 2
+    if kind == 'square':
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if kind == 'triangle':
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    if kind == 'cross':
+        return ((np.abs(dy) <= r * 0.3) | (np.abs(dx) <= r * 0.3)) & (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    raise ValueError(kind)
+
+
+def iso_luma_colour(rng, luma, chroma):
+    weights = np.array([0.299, 0.587, 0.114])
+    c = rng.normal(size=3)
+    c -= weights * (c @ weights) / (weights @ weights)
+    c *= chroma * rng.uniform(0.5, 1) / np.linalg.norm(c)
+    return luma + c
+
+
+def make_shapes(n_per_class, seed, classes=SHAPES, size=32, grey=False, radius=(6, 10), fixed=False, copies=1, luma=None):
+    """Images (N, size, size, 3) uint8 whose class is the shape; colour, position and size are random."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, kind in enumerate(classes):
+        for _ in range(n_per_class):
+            r = rng.uniform(*radius)
+            cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
+            fg, bg = rng.integers(0, 256, size=(2, 3))
+            while np.abs(fg - bg).sum() < 150:
+                fg, bg = rng.integers(0, 256, size=(2, 3))
+            if grey:
+                fg, bg = fg.mean(), bg.mean()
+            if luma is not None:  # random hue and saturation at a fixed luminance
+                fg, bg = (iso_luma_colour(rng, y, chroma=70) for y in luma)
+            if fixed:
+                fg, bg = np.array([230, 200, 60]), np.array([30, 60, 120])
+            img = np.empty((size, size, 3), np.float32)
+            img[:] = bg
+            img[shape_mask(kind, cy, cx, r, size)] = fg
+            for _ in range(copies - 1):
+                r = rng.uniform(*radius)
+                cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
+                img[shape_mask(kind, cy, cx, r, size)] = fg
+            img += rng.normal(0, 8, img.shape)
+            images.append(np.clip(img, 0, 255).astype(np.uint8))
+            labels.append(label)
+    order = rng.permutation(len(labels))
+    return np.stack(images)[order], np.array(labels)[order]
+
+
+def write_folder(root, n_train, n_test, seed=0, classes=SHAPES, **kwargs):
+    """An image folder root/{train,test}/<class>/*.png with n_train and n_test images per class."""
+    for split, n, s in (('train', n_train, seed), ('test', n_test, seed + 1000)):
+        images, labels = make_shapes(n, s, classes, **kwargs)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, classes[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(folder, f'{i:05d}.png'))
+    return str(root)
+
+
+def write_cifar10(root, n_train, n_test, seed=0):
+    """Generated arrays in torchvision's CIFAR-10 layout (root/cifar-10-batches-py); 10 classes."""
+    names = [f'class{i}' for i in range(10)]
+    kinds = [SHAPES[i % len(SHAPES)] for i in range(10)]
+    folder = os.path.join(root, 'cifar-10-batches-py')
+    os.makedirs(folder, exist_ok=True)
+    train_x, train_y = make_shapes(n_train // 10, seed, kinds)
+    test_x, test_y = make_shapes(n_test // 10, seed + 1000, kinds)
+
+    def dump(name, x, y):
+        with open(os.path.join(folder, name), 'wb') as f:
+            pickle.dump({'data': x.transpose(0, 3, 1, 2).reshape(len(x), -1), 'labels': [int(v) for v in y]}, f)
+
+    for i, part in enumerate(np.array_split(np.arange(len(train_y)), 5)):
+        dump(f'data_batch_{i + 1}', train_x[part], train_y[part])
+    dump('test_batch', test_x, test_y)
+    with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
+        pickle.dump({'label_names': names}, f)
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def folder_data(tmp_path_factory):
+    """4 shape classes, 12 train and 6 test images per class."""
+    return write_folder(tmp_path_factory.mktemp('folder'), 12, 6)
+
+
+@pytest.fixture
+def cifar_files_ok(monkeypatch):
+    """Accept generated CIFAR files: torchvision checks the real files' MD5 sums."""
+    import torchvision.datasets.cifar as cifar
+    monkeypatch.setattr(cifar, 'check_integrity', lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def run_script(script, *args, timeout=600, **kwargs):
+    """Run one of the scripts as a user would; returns the CompletedProcess (text mode)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=kwargs.get('cwd', ROOT),
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main
+from model import SimSiam, cifar_resnet, simsiam_loss
+
+
+def test_backbone_is_the_cifar_variant():
+    net, dim = cifar_resnet('resnet50')
+    assert dim == 2048
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and net.conv1.padding == (1, 1)
+    assert net.conv1.bias is None
+    assert isinstance(net.maxpool, nn.Identity) and isinstance(net.fc, nn.Identity)
+    # zero_init_residual: the last BN of every bottleneck starts at zero
+    assert all(not block.bn3.weight.detach().any() for layer in (net.layer1, net.layer4) for block in layer)
+    out = net.eval()(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 2048)
+
+
+@pytest.mark.parametrize('arch,dim', [('resnet18', 512), ('resnet34', 512)])
+def test_small_backbones(arch, dim):
+    net, d = cifar_resnet(arch)
+    assert d == dim
+    assert net.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, dim)
+    assert all(not block.bn2.weight.detach().any() for block in net.layer1)
+
+
+def test_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match='unknown arch'):
+        cifar_resnet('vgg16')
+
+
+def test_projector_and_predictor_layout():
+    model = SimSiam('resnet18', feature_dim=256, pred_dim=64, proj_hidden_dim=128)
+    types = [type(m) for m in model.projector]
+    assert types == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert model.projector[0].in_features == 512 and model.projector[0].out_features == 128
+    assert model.projector[3].out_features == 256
+    assert model.projector[0].bias is None and model.projector[3].bias is None
+    types = [type(m) for m in model.predictor]
+    assert types == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]  # no BN on the output
+    assert (model.predictor[0].in_features, model.predictor[0].out_features) == (256, 64)
+    assert model.predictor[0].bias is None
+    assert (model.predictor[3].in_features, model.predictor[3].out_features) == (64, 256)
+
+
+def test_default_dims_are_the_papers():
+    model = SimSiam('resnet18')
+    assert model.projector[0].out_features == 2048 and model.projector[3].out_features == 2048
+    assert model.predictor[0].out_features == 512 and model.predictor[3].out_features == 2048
+
+
+def test_forward_shapes_and_detached_targets():
+    torch.manual_seed(0)
+    model = SimSiam('resnet18', feature_dim=128, pred_dim=32, proj_hidden_dim=64)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    p1, p2, z1, z2 = model(x1, x2)
+    assert p1.shape == p2.shape == z1.shape == z2.shape == (4, 128)
+    assert p1.requires_grad and p2.requires_grad
+    assert not z1.requires_grad and not z2.requires_grad
+
+
+def test_views_get_their_own_batchnorm_statistics():
+    # In train mode BN normalises with batch statistics: with two separate passes, view 1's outputs
+    # cannot depend on view 2; one concatenated pass would mix them.
+    torch.manual_seed(0)
+    model = SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32).train()
+    x1 = torch.randn(4, 3, 32, 32)
+    p1a, _, z1a, _ = model(x1, torch.randn(4, 3, 32, 32))
+    p1b, _, z1b, _ = model(x1, torch.randn(4, 3, 32, 32) * 3 + 1)
+    torch.testing.assert_close(p1a, p1b)
+    torch.testing.assert_close(z1a, z1b)
+
+
+def test_loss_matches_hand_computation():
+    p1 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z2 = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # cosines 1 and 1/sqrt(2)
+    p2 = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    z1 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # cosines 0 and -1
+    expected = 0.5 * -(1 + 1 / math.sqrt(2)) / 2 + 0.5 * -(0 - 1) / 2
+    assert simsiam_loss(p1, p2, z1, z2).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_loss_is_minus_one_when_predictions_match_targets():
+    z = torch.randn(8, 16)
+    assert simsiam_loss(z * 2, z * 3, z, z).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_loss_sends_no_gradient_to_z():
+    p1, p2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    z1, z2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    simsiam_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and z2.grad is None
+    assert p1.grad is not None and p1.grad.abs().sum() > 0
+
+
+def test_loss_is_float32_under_bf16_inputs():
+    p = torch.randn(4, 8).bfloat16()
+    assert simsiam_loss(p, p, p, p).dtype == torch.float32
+
+
+def test_encoder_gradient_comes_only_through_the_predictor():
+    # With the stop-gradient, zeroing the predictor's last layer zeroes every gradient in the encoder:
+    # the only path from the loss to the encoder is through p.
+    torch.manual_seed(0)
+    model = SimSiam('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16)
+    with torch.no_grad():
+        model.predictor[3].weight.zero_()
+        model.predictor[3].bias.normal_()
+    p1, p2, z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    simsiam_loss(p1, p2, z1, z2).backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.projector.parameters())
+    assert float(model.predictor[3].weight.grad.abs().sum()) > 0
+
+
+def test_param_and_flop_counts_match_the_seed_table():
+    counts = main.count_model(SimSiam('resnet50'), torch.device('cpu'))
+    assert round(counts['backbone_params_M'], 2) == 23.50
+    assert round(counts['linear_params_M'], 2) == 23.52
+    assert round(counts['flops_G'], 2) == 1.31
+
+
+def test_counting_leaves_the_model_untouched():
+    model = SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32)
+    keys = set(model.state_dict())
+    main.count_model(model, torch.device('cpu'))
+    assert set(model.state_dict()) == keys

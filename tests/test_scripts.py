@@ -1,0 +1,106 @@
+"""main.py then linear.py end to end on generated data, as subprocesses and in-process."""
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import linear
+import main
+from conftest import run_script, write_cifar10
+
+TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
+        '--batch_size', '16', '--k', '5', '--num_workers', '0', '--device', 'cpu']
+PRETRAIN_COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
+LINEAR_COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
+
+
+def test_folder_end_to_end(folder_data, tmp_path):
+    out = tmp_path / 'results'
+    r = run_script('main.py', *TINY, '--epochs', '2', '--dataset', 'folder', '--data_root', folder_data,
+                   '--results_dir', out, '--num_workers', '2')
+    assert r.returncode == 0, r.stderr
+    name = 'resnet18_folder_64_5_16_2'
+    assert sorted(os.listdir(out)) == [f'{name}_model.pth', f'{name}_statistics.csv']
+    stats = pd.read_csv(out / f'{name}_statistics.csv')
+    assert list(stats.columns[:4]) == PRETRAIN_COLUMNS
+    assert stats['epoch'].tolist() == [1, 2]
+    assert stats['test_acc@1'].between(0, 100).all() and stats['test_acc@5'].between(0, 100).all()
+    assert 'params: backbone 11.17 M' in r.stdout and 'FLOPs 0.56 G' in r.stdout
+
+    ckpt = torch.load(out / f'{name}_model.pth', weights_only=True)
+    assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64}
+    assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
+
+    r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
+                   '--epochs', '2', '--batch_size', '16', '--num_workers', '2', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    stats = pd.read_csv(out / f'{name}_linear_statistics.csv')
+    assert list(stats.columns[:7]) == LINEAR_COLUMNS and stats['epoch'].tolist() == [1, 2]
+    head = torch.load(out / f'{name}_linear_model.pth', weights_only=True)
+    assert head['head']['weight'].shape == (4, 512)
+    # the backbone saved with the head is the pretrained one, unchanged
+    for key, value in head['backbone'].items():
+        assert torch.equal(value, ckpt['state_dict']['backbone.' + key]), key
+
+
+def test_cifar10_code_path(tmp_path, cifar_files_ok):
+    data = write_cifar10(tmp_path / 'data', 40, 20)
+    args = main.parse_args(TINY + ['--epochs', '1', '--data_root', data, '--results_dir', str(tmp_path / 'r')])
+    main.main(args)
+    name = 'resnet18_cifar10_64_5_16_1'
+    stats = pd.read_csv(tmp_path / 'r' / f'{name}_statistics.csv')
+    assert list(stats.columns[:4]) == PRETRAIN_COLUMNS and len(stats) == 1
+    linear.main(linear.parse_args(['--model_path', str(tmp_path / 'r' / f'{name}_model.pth'), '--epochs', '1',
+                                   '--batch_size', '16', '--num_workers', '0', '--device', 'cpu',
+                                   '--results_dir', str(tmp_path / 'r')]))
+    stats = pd.read_csv(tmp_path / 'r' / f'{name}_linear_statistics.csv')
+    assert list(stats.columns[:7]) == LINEAR_COLUMNS and len(stats) == 1
+
+
+def test_same_seed_same_csv(folder_data, tmp_path):
+    texts = []
+    for run in ('a', 'b'):
+        args = main.parse_args(TINY + ['--epochs', '2', '--dataset', 'folder', '--data_root', folder_data,
+                                       '--results_dir', str(tmp_path / run)])
+        main.main(args)
+        texts.append((tmp_path / run / 'resnet18_folder_64_5_16_2_statistics.csv').read_text())
+    assert texts[0] == texts[1]
+    args.seed = 1
+    args.results_dir = str(tmp_path / 'c')
+    main.main(args)
+    assert (tmp_path / 'c' / 'resnet18_folder_64_5_16_2_statistics.csv').read_text() != texts[0]
+
+
+def test_knn_every_leaves_gaps_and_always_measures_the_last_epoch(folder_data, tmp_path):
+    args = main.parse_args(TINY + ['--epochs', '3', '--knn_every', '2', '--dataset', 'folder',
+                                   '--data_root', folder_data, '--results_dir', str(tmp_path), '--name', 'gaps'])
+    main.main(args)
+    stats = pd.read_csv(tmp_path / 'gaps_statistics.csv')
+    assert stats['test_acc@1'].isna().tolist() == [True, False, False]
+
+
+def test_linear_refuses_a_checkpoint_that_does_not_fit(folder_data, tmp_path):
+    args = main.parse_args(TINY + ['--epochs', '1', '--dataset', 'folder', '--data_root', folder_data,
+                                   '--results_dir', str(tmp_path), '--name', 'run'])
+    main.main(args)
+    ckpt = torch.load(tmp_path / 'run_model.pth', weights_only=True)
+    ckpt['model_args']['arch'] = 'resnet34'  # the weights are a resnet18's
+    torch.save(ckpt, tmp_path / 'wrong_model.pth')
+    torch.save(ckpt['state_dict'], tmp_path / 'plain_model.pth')
+    for path, message in (('wrong_model.pth', 'does not fit a resnet34 backbone: missing'),
+                          ('plain_model.pth', 'not a file written by main.py'),
+                          ('run_statistics.csv', 'not a checkpoint')):
+        with pytest.raises(main.UserError, match=message):
+            linear.main(linear.parse_args(['--model_path', str(tmp_path / path), '--results_dir', str(tmp_path),
+                                           '--device', 'cpu']))
+    assert not any('linear' in f for f in os.listdir(tmp_path))
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    r = run_script('linear.py', '--model_path', tmp_path / 'nope.pth')
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"linear.py: error: --model_path '{tmp_path / 'nope.pth'}' does not exist"]
+    r = run_script('main.py', '--batch_size', '0')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert '--batch_size: must be a positive integer' in r.stderr

@@ -1,0 +1,425 @@
+"""Data, transforms, kNN monitor, checkpoints, CSV logs, and the small helpers both scripts share."""
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+DATASETS = ('cifar10', 'cifar100', 'folder')
+# Per-channel statistics of the CIFAR-10 training set, as the reference code uses for every dataset.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file, the data): reported as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag on a single line instead of the whole usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be zero or more, got {value}')
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f'must be zero or a positive number, got {text}')
+    return value
+
+
+def available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cli(main, parse_args, argv=None):
+    """Run a script's main(args); a UserError becomes one line on stderr and exit status 2."""
+    args = parse_args(argv)
+    prog = os.path.basename(sys.argv[0]) if argv is None else 'simsiam'
+    try:
+        main(args)
+    except UserError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- device and seeds
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu. Asking for CUDA where there is none is a UserError."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device; use auto, cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name}: CUDA is not available on this machine (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif device.type != 'cpu':
+        raise UserError(f'--device {name!r} is not supported; use auto, cpu, cuda or cuda:N')
+    return device
+
+
+def derive_seed(*parts):
+    """A 63-bit seed that is a fixed function of integers (seed, epoch, index, ...), SplitMix64 mixing."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & mask)) & mask
+        h = (h + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+def generator(*parts, device='cpu'):
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class ImageSet:
+    """A split of a dataset: uint8 images (N, 3, H, W), int64 labels (N,), and the class names."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list
+
+    def __len__(self):
+        return len(self.labels)
+
+
+_CIFAR_FILES = {'cifar10': 'cifar-10-python.tar.gz', 'cifar100': 'cifar-100-python.tar.gz'}
+
+
+def load_cifar(name, root, train):
+    from torchvision.datasets import CIFAR10, CIFAR100
+    cls = CIFAR10 if name == 'cifar10' else CIFAR100
+    try:
+        ds = cls(root, train=train, download=False)
+    except RuntimeError:
+        try:
+            # torchvision skips the download when a verified archive is already in root.
+            ds = cls(root, train=train, download=True)
+        except (OSError, RuntimeError) as e:
+            reason = str(getattr(e, 'reason', e)).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(
+                f'{name} is not in {root!r} and could not be downloaded ({reason}); on a machine with '
+                f'internet fetch {cls.url} and put {_CIFAR_FILES[name]} in {os.path.abspath(root)}/') from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return ImageSet(images, labels, list(ds.classes))
+
+
+def load_folder(root, train, classes=None):
+    """An image folder `root/{train,test}/<class>/*`; images become RGB and are resized to 32x32."""
+    split = os.path.join(root, 'train' if train else 'test')
+    if not os.path.isdir(split):
+        raise UserError(f'--dataset folder: {split!r} is not a directory (expected {root}/train/<class>/*'
+                        f' and {root}/test/<class>/*)')
+    found = sorted(d for d in os.listdir(split) if os.path.isdir(os.path.join(split, d)))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f'{split!r} has classes that the training split lacks: {", ".join(unknown)}')
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = os.path.join(split, cls)
+        if not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            if not file.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(folder, file)
+            try:
+                with Image.open(path) as img:
+                    img = img.convert('RGB').resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise UserError(f'cannot read image {path!r}: {e}') from None
+            images.append(np.asarray(img, dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise UserError(f'--dataset folder: no images found under {split!r}')
+    array = np.stack(images).transpose(0, 3, 1, 2)
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels), list(classes))
+
+
+def load_dataset(name, root, train, classes=None):
+    """Either split of cifar10, cifar100 or an image folder, as an ImageSet."""
+    if name in ('cifar10', 'cifar100'):
+        return load_cifar(name, root, train)
+    if name == 'folder':
+        if not os.path.isdir(root):
+            raise UserError(f'--data_root {root!r} does not exist')
+        return load_folder(root, train, classes)
+    raise UserError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+
+
+# ----------------------------------------------------------------------------- augmentation (PIL path)
+
+def pretrain_transform(mean=MEAN, std=STD, size=IMAGE_SIZE):
+    """The SimSiam CIFAR augmentation (paper Sec. 4 and App. D; no blur at 32x32)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def linear_transform(mean=MEAN, std=STD, size=IMAGE_SIZE):
+    """Linear-evaluation training augmentation: random resized crop and flip."""
+    return T.Compose([
+        T.RandomResizedCrop(size),
+        T.RandomHorizontalFlip(p=0.5),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def normalize(images, mean=MEAN, std=STD):
+    """The test transform on a uint8 batch (N, 3, H, W): exactly ToTensor() then Normalize()."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """`views` independently augmented views of each image, plus its label (CIFAR10Pair for views=2).
+
+    Items are addressed by (epoch, index): the randomness of an item is a fixed function of
+    (seed, epoch, index), so it does not depend on the worker that draws it, on the number of workers,
+    or on what ran before; an interrupted run resumed at an epoch boundary sees the same views.
+    """
+
+    def __init__(self, data, transform, seed, views=2):
+        self.hwc = np.ascontiguousarray(data.images.permute(0, 2, 3, 1).numpy())
+        self.labels = data.labels
+        self.transform = transform
+        self.seed = seed
+        self.views = views
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        img = Image.fromarray(self.hwc[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, epoch, index))
+            views = [self.transform(img) for _ in range(self.views)]
+        return (*views, self.labels[index])
+
+
+def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
+    """This process's index batches for one epoch: a shuffle that depends only on (seed, epoch).
+
+    Incomplete final batches are dropped (a BN layer needs more than one sample). With world_size W,
+    each global batch of `batch_size` is split into W consecutive slices and this rank takes its own.
+    """
+    order = torch.randperm(n, generator=generator(seed, epoch))
+    local = batch_size // world_size
+    steps = n // batch_size
+    return [order[s * batch_size + rank * local: s * batch_size + (rank + 1) * local] for s in range(steps)]
+
+
+class EpochBatchSampler:
+    """A DataLoader batch_sampler over epoch_batches that yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, seed, epoch, rank=0, world_size=1):
+        self.batches = epoch_batches(n, batch_size, seed, epoch, rank, world_size)
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield [(self.epoch, int(i)) for i in batch]
+
+
+# ----------------------------------------------------------------------------- kNN monitor
+
+def knn_predict(feature, feature_bank, feature_labels, classes, k, t, chunk_size=1024):
+    """Weighted kNN classification (Wu et al. 2018, InstDisc; used for monitoring in the SimSiam line).
+
+    feature (B, D) and feature_bank (N, D) are L2-normalised; feature_labels (N,) int64.
+    Each query takes its k most cosine-similar bank items, weights each vote by exp(sim / t), sums per
+    class and returns the classes sorted by score, best first: (B, classes). Queries are processed in
+    chunks so only a (chunk_size, N) similarity matrix is ever held.
+    """
+    bank = feature_bank.float()
+    out = []
+    for query in feature.float().split(chunk_size):
+        sim = query @ bank.T  # BxN
+        sim_weight, sim_index = sim.topk(k, dim=-1)  # Bxk
+        sim_labels = feature_labels[sim_index]  # Bxk
+        weight = (sim_weight / t).exp()  # Bxk
+        scores = torch.zeros(query.size(0), classes, device=query.device, dtype=weight.dtype)
+        scores.scatter_add_(1, sim_labels, weight)  # BxC
+        out.append(scores.sort(dim=-1, descending=True, stable=True).indices)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed(fn, images, batch_size, device, mean=MEAN, std=STD):
+    """L2-normalised float32 features (N, D) of uint8 images under the test transform."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+        out.append(F.normalize(fn(x).float(), dim=1))
+    return torch.cat(out)
+
+
+def topk_correct(ranked, labels, ks=(1, 5)):
+    """Number of rows whose label is among the first k ranked classes, for each k (k clipped to C)."""
+    hits = ranked == labels.view(-1, 1)
+    return [hits[:, :min(k, ranked.size(1))].any(dim=1).sum().item() for k in ks]
+
+
+def knn_accuracy(fn, bank, test, k, t, batch_size, device):
+    """kNN top-1 and top-5 accuracy (%) of the test set against a bank of training images.
+
+    fn maps a normalised batch to features; the caller puts the model in eval mode. The bank uses the
+    test transform (one view), as do the queries.
+    """
+    bank_features = embed(fn, bank.images, batch_size, device)
+    test_features = embed(fn, test.images, batch_size, device)
+    ranked = knn_predict(test_features, bank_features, bank.labels.to(device), len(bank.classes), k, t)
+    top1, top5 = topk_correct(ranked, test.labels.to(device))
+    return 100.0 * top1 / len(test), 100.0 * top5 / len(test)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def cosine_lr(init_lr, epoch, epochs):
+    """lr for 0-based `epoch`: init_lr * (1 + cos(pi * epoch / epochs)) / 2 (paper Sec. 4, SGDR)."""
+    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+# ----------------------------------------------------------------------------- files
+
+def check_writable(folder):
+    """Create `folder` if needed and prove a file can be written in it, before any work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f'--results_dir {folder!r} is not writable ({e.strerror or e})') from None
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """Write to a temporary file beside `path`, flush and fsync it, then os.replace it into place.
+
+    A crash at any instant leaves either the old file or the complete new one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(obj, path):
+    with atomic_open(path, 'wb') as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path, kinds, flag):
+    """Load a checkpoint written by these scripts and check that its 'kind' is one of `kinds`.
+
+    Anything else (missing, empty, truncated, not a torch file, another program's file) is a UserError.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f'{flag} {path!r} does not exist')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{flag} {path!r} is empty')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # torch raises many types for a damaged file
+        raise UserError(f'{flag} {path!r} is not a checkpoint written by torch.save '
+                        f'(it is truncated, damaged or another kind of file)') from None
+    kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
+    if kind not in kinds:
+        what = f'a {kind!r} file' if isinstance(kind, str) else 'not a file written by main.py or linear.py'
+        keys = ', '.join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f'{flag} {path!r} is {what} (top-level keys: {keys}); expected {" or ".join(kinds)}')
+    return ckpt
+
+
+def write_csv(rows, columns, path):
+    """Write all rows (dicts) to `path` atomically, columns in the given order."""
+    import pandas as pd
+    with atomic_open(path, 'w') as f:
+        pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
