@@ -3,6 +3,7 @@
     python linear.py --model_path results/<name>_model.pth
 """
 import json
+import math
 import os
 import sys
 import time
@@ -30,10 +31,15 @@ def parse_args(argv=None):
                    help='evaluation data (default: the dataset the model was pretrained on)')
     p.add_argument('--data_root', default=None, help='where the data lives (default: as in pretraining)')
     p.add_argument('--results_dir', default='results', help='where the CSV and the model go')
+    p.add_argument('--name', default=None,
+                   help='output file prefix (default: <name> of the <name>_model.pth given)')
     p.add_argument('--num_workers', type=utils.non_negative_int, default=utils.available_cpus(),
                    help='DataLoader worker processes (default: the CPUs this process may use)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
+    p.add_argument('--resume', default=None,
+                   help="continue from a training state: its path, or 'auto' for this evaluation's state "
+                        "in --results_dir if there is one")
     return p.parse_args(argv)
 
 
@@ -67,13 +73,13 @@ def accuracy_counts(logits, labels):
     return utils.topk_correct(ranked, labels)
 
 
-def run_epoch(backbone, head, batches, optimizer, device):
+def run_epoch(backbone, head, batches, optimizer, device, epoch):
     """Train (optimizer given) or test the head on batches of (x, y); returns loss and acc@1, acc@5 in %."""
     training = optimizer is not None
     head.train(training)
     backbone.eval()  # BN statistics of the frozen backbone never change
     total_loss, total_top1, total_top5, total = 0.0, 0, 0, 0
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad():
             feature = backbone(x)
@@ -85,8 +91,11 @@ def run_epoch(backbone, head, batches, optimizer, device):
             loss.backward()
             optimizer.step()
         top1, top5 = accuracy_counts(logits.detach(), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise utils.NonFiniteLoss(epoch, step, value)
         total += len(y)
-        total_loss += loss.item() * len(y)
+        total_loss += value * len(y)
         total_top1 += top1
         total_top5 += top5
         if hasattr(batches, 'set_postfix'):
@@ -107,11 +116,37 @@ def changed_entries(module, before):
     return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
 
 
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir'}
+COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
+
+
+def save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, classes):
+    """The CSV, the linear model and the training state of a completed epoch, written as one set."""
+    with utils.signals_deferred():
+        utils.write_csv(rows, COLUMNS, paths['csv'])
+        common = {'epoch': epoch, 'model_args': ckpt['model_args'], 'classes': classes, 'args': vars(args),
+                  'pretrain_args': ckpt['args']}
+        utils.save_checkpoint({'kind': 'simsiam_linear', 'backbone': backbone.state_dict(),
+                               'head': head.state_dict(), **common}, paths['model'])
+        utils.save_checkpoint({'kind': 'simsiam_linear_state', 'head': head.state_dict(),
+                               'optimizer': optimizer.state_dict(), 'rows': rows, 'rng': utils.rng_state(),
+                               **common}, paths['state'])
+
+
 def main(args):
     print('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
     device = utils.resolve_device(args.device)
     ckpt = utils.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')
     utils.check_writable(args.results_dir)
+    name = args.name or output_name(args.model_path)
+    paths = {key: os.path.join(args.results_dir, f'{name}_linear_{suffix}') for key, suffix in
+             (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'))}
+    state = utils.find_state(args.resume, paths['state'], 'simsiam_linear_state', 'linear.py')
+    if state is not None:
+        changed = utils.run_differences(state['args'], vars(args), HARMLESS)
+        if changed:
+            raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
     backbone, dim = load_backbone(ckpt, args.model_path)
     dataset = args.dataset or ckpt['args']['dataset']
     data_root = args.data_root or ckpt['args']['data_root']
@@ -131,44 +166,54 @@ def main(args):
     head.bias.data.zero_()
     init_lr = args.lr * args.batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=0.0)
+    rows, done = [], 0
+    if state is not None:
+        try:
+            head.load_state_dict(state['head'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f'--resume: the saved state does not fit this head ({str(e).splitlines()[0]})') \
+                from None
+        utils.set_rng_state(state['rng'])
+        rows, done = list(state['rows']), state['epoch']
+        print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
+              f'the run is already complete ({done} epochs)', flush=True)
     frozen = snapshot(backbone)
-    dataset_views = utils.AugmentedViews(train, utils.linear_transform(), args.seed, views=1)
-
-    name = output_name(args.model_path)
-    csv_path = os.path.join(args.results_dir, f'{name}_linear_statistics.csv')
-    model_path = os.path.join(args.results_dir, f'{name}_linear_model.pth')
-    columns = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
-    rows = []
-    for epoch in range(1, args.epochs + 1):
-        for group in optimizer.param_groups:
-            group['lr'] = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
-        loader = torch.utils.data.DataLoader(
-            dataset_views, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
-            num_workers=args.num_workers, pin_memory=device.type == 'cuda')
-        start = time.time()
-        bar = tqdm(loader, desc=f'Linear Epoch [{epoch}/{args.epochs}]', dynamic_ncols=True)
-        train_loss, train_top1, train_top5 = run_epoch(backbone, head, bar, optimizer, device)
-        test_loss, test_top1, test_top5 = run_epoch(backbone, head, test_batches(test, args.batch_size),
-                                                    None, device)
-        if epoch == 1:
-            changed = changed_entries(backbone, frozen)
-            if changed:
-                raise RuntimeError(f'the frozen backbone changed during linear evaluation: {changed[:4]}')
-        rows.append({'epoch': epoch, 'train_loss': train_loss, 'train_acc@1': train_top1,
-                     'train_acc@5': train_top5, 'test_loss': test_loss, 'test_acc@1': test_top1,
-                     'test_acc@5': test_top5})
-        utils.write_csv(rows, columns, csv_path)
-        utils.save_checkpoint({
-            'kind': 'simsiam_linear', 'epoch': epoch, 'backbone': backbone.state_dict(),
-            'head': head.state_dict(), 'model_args': ckpt['model_args'], 'classes': train.classes,
-            'args': vars(args), 'pretrain_args': ckpt['args'],
-        }, model_path)
-        print(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
-              f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
-              f'({time.time() - start:.1f} s)', flush=True)
+    views = utils.AugmentedViews(train, utils.linear_transform(), args.seed, views=1)
+    first_epoch = done + 1
+    saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
+    with utils.interruptible(saved):
+        for epoch in range(first_epoch, args.epochs + 1):
+            for group in optimizer.param_groups:
+                group['lr'] = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
+            loader = torch.utils.data.DataLoader(
+                views, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
+                num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                worker_init_fn=utils.ignore_signals_in_worker)
+            start = time.time()
+            try:
+                with tqdm(loader, desc=f'Linear Epoch [{epoch}/{args.epochs}]', dynamic_ncols=True) as bar:
+                    train_loss, train_top1, train_top5 = run_epoch(backbone, head, bar, optimizer, device, epoch)
+                test_loss, test_top1, test_top5 = run_epoch(
+                    backbone, head, test_batches(test, args.batch_size), None, device, epoch)
+            except utils.NonFiniteLoss as e:
+                kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
+                raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+            if epoch == first_epoch:
+                changed = changed_entries(backbone, frozen)
+                if changed:
+                    raise RuntimeError(f'the frozen backbone changed during linear evaluation: {changed[:4]}')
+            rows.append({'epoch': epoch, 'train_loss': train_loss, 'train_acc@1': train_top1,
+                         'train_acc@5': train_top5, 'test_loss': test_loss, 'test_acc@1': test_top1,
+                         'test_acc@5': test_top5})
+            save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, train.classes)
+            done = epoch
+            print(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
+                  f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
+                  f'({time.time() - start:.1f} s)', flush=True)
     best = max(r['test_acc@1'] for r in rows)
-    print(f'done: statistics in {csv_path}, model in {model_path}; test acc@1 last {rows[-1]["test_acc@1"]:.2f}%,'
-          f' best {best:.2f}%', flush=True)
+    print(f'done: statistics in {paths["csv"]}, model in {paths["model"]}; test acc@1 last '
+          f'{rows[-1]["test_acc@1"]:.2f}%, best {best:.2f}%', flush=True)
 
 
 if __name__ == '__main__':

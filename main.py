@@ -15,6 +15,8 @@ from tqdm import tqdm
 import utils
 from model import ARCHS, SimSiam, simsiam_loss
 
+UserError = utils.UserError
+
 
 def parse_args(argv=None):
     p = utils.Parser(description='SimSiam pretraining on CIFAR-10/100 or an image folder, '
@@ -48,6 +50,9 @@ def parse_args(argv=None):
                    help='DataLoader worker processes (default: the CPUs this process may use)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
+    p.add_argument('--resume', default=None,
+                   help="continue from a training state: its path, or 'auto' for this run's state in "
+                        "--results_dir if there is one")
     return p.parse_args(argv)
 
 
@@ -84,23 +89,61 @@ def set_lr(optimizer, lr, init_lr):
         group['lr'] = init_lr if group['fix_lr'] else lr
 
 
-def train_epoch(model, loader, optimizer, device, epoch, epochs):
-    """One pass of stop-gradient training; returns the mean loss over the epoch's steps."""
+def train_epoch(model, loader, optimizer, device, epoch, epochs, check_every=10):
+    """One pass of stop-gradient training; returns the mean loss over the epoch's steps.
+
+    The loss stays on the device and is checked for non-finite values every `check_every` steps (a
+    host sync per step would stall a GPU); the first bad step is named exactly.
+    """
     model.train()
-    total, steps = 0.0, 0
-    bar = tqdm(loader, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True)
-    for x1, x2, _ in bar:
-        x1 = x1.to(device, non_blocking=True)
-        x2 = x2.to(device, non_blocking=True)
-        p1, p2, z1, z2 = model(x1, x2)
-        loss = simsiam_loss(p1, p2, z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        steps += 1
-        bar.set_postfix(loss=f'{total / steps:.4f}')
-    return total / steps
+    losses, checked = [], 0
+    with tqdm(loader, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True) as bar:
+        for step, (x1, x2, _) in enumerate(bar, 1):
+            x1 = x1.to(device, non_blocking=True)
+            x2 = x2.to(device, non_blocking=True)
+            p1, p2, z1, z2 = model(x1, x2)
+            loss = simsiam_loss(p1, p2, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            if step % check_every == 0 or step == len(loader):
+                recent = torch.stack(losses[checked:]).cpu()
+                bad = (~recent.isfinite()).nonzero()
+                if len(bad):
+                    first = int(bad[0])
+                    raise utils.NonFiniteLoss(epoch, checked + first + 1, recent[first].item())
+                checked = len(losses)
+                bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}')
+    return torch.stack(losses).mean().item()
+
+
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir'}
+COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
+
+
+def output_paths(results_dir, name):
+    return {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in
+            (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'))}
+
+
+def model_args(args):
+    return {'arch': args.arch, 'feature_dim': args.feature_dim, 'pred_dim': args.pred_dim,
+            'proj_hidden_dim': args.proj_hidden_dim}
+
+
+def save_epoch(paths, rows, model, optimizer, epoch, args, classes):
+    """The CSV, the model and the full training state of a completed epoch; no signal splits the set."""
+    with utils.signals_deferred():
+        utils.write_csv(rows, COLUMNS, paths['csv'])
+        common = {'epoch': epoch, 'model_args': model_args(args), 'dataset': args.dataset, 'classes': classes,
+                  'args': vars(args)}
+        utils.save_checkpoint({'kind': 'simsiam_model', 'state_dict': model.state_dict(), **common},
+                              paths['model'])
+        utils.save_checkpoint({'kind': 'simsiam_state', 'model': model.state_dict(),
+                               'optimizer': optimizer.state_dict(), 'rows': rows, 'rng': utils.rng_state(),
+                               **common}, paths['state'])
 
 
 def main(args):
@@ -108,6 +151,12 @@ def main(args):
     device = utils.resolve_device(args.device)
     utils.check_writable(args.results_dir)
     name = run_name(args)
+    paths = output_paths(args.results_dir, name)
+    state = utils.find_state(args.resume, paths['state'], 'simsiam_state', 'main.py')
+    if state is not None:
+        changed = utils.run_differences(state['args'], vars(args), HARMLESS)
+        if changed:
+            raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
     train = utils.load_dataset(args.dataset, args.data_root, train=True)
     test = utils.load_dataset(args.dataset, args.data_root, train=False, classes=train.classes)
     if args.batch_size > len(train):
@@ -126,43 +175,51 @@ def main(args):
     print(f'params: backbone {counts["backbone_params_M"]:.2f} M, backbone + linear head '
           f'{counts["linear_params_M"]:.2f} M, SimSiam {counts["simsiam_params_M"]:.2f} M; '
           f'FLOPs {counts["flops_G"]:.2f} G per image (thop)', flush=True)
-
     init_lr = args.lr * args.batch_size / 256
     optimizer = build_optimizer(model, init_lr, args.momentum, args.wd, args.fix_pred_lr)
+    rows, done = [], 0
+    if state is not None:
+        try:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f'--resume: the saved state does not fit this model ({str(e).splitlines()[0]})') \
+                from None
+        utils.set_rng_state(state['rng'])
+        rows, done = list(state['rows']), state['epoch']
+        print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
+              f'the run is already complete ({done} epochs)', flush=True)
+
     dataset = utils.AugmentedViews(train, utils.pretrain_transform(), args.seed, views=2)
     feature_fn = model.backbone if args.knn_feature == 'backbone' else model.encode
-    columns = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
-    csv_path = os.path.join(args.results_dir, f'{name}_statistics.csv')
-    model_path = os.path.join(args.results_dir, f'{name}_model.pth')
-    rows = []
-    for epoch in range(1, args.epochs + 1):
-        set_lr(optimizer, utils.cosine_lr(init_lr, epoch - 1, args.epochs), init_lr)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
-            num_workers=args.num_workers, pin_memory=device.type == 'cuda')
-        start = time.time()
-        train_loss = train_epoch(model, loader, optimizer, device, epoch, args.epochs)
-        row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None}
-        if epoch % args.knn_every == 0 or epoch == args.epochs:
-            model.eval()
-            row['test_acc@1'], row['test_acc@5'] = utils.knn_accuracy(
-                feature_fn, train, test, k, args.knn_t, args.batch_size, device)
-        rows.append(row)
-        utils.write_csv(rows, columns, csv_path)
-        utils.save_checkpoint({
-            'kind': 'simsiam_model', 'epoch': epoch, 'state_dict': model.state_dict(),
-            'model_args': {'arch': args.arch, 'feature_dim': args.feature_dim, 'pred_dim': args.pred_dim,
-                           'proj_hidden_dim': args.proj_hidden_dim},
-            'dataset': args.dataset, 'classes': train.classes, 'args': vars(args),
-        }, model_path)
-        acc = '' if row['test_acc@1'] is None else \
-            f' kNN acc@1 {row["test_acc@1"]:.2f}% acc@5 {row["test_acc@5"]:.2f}%'
-        print(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} ({time.time() - start:.1f} s)',
-              flush=True)
-    print(f'done: statistics in {csv_path}, model in {model_path}', flush=True)
+    saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
+    with utils.interruptible(saved):
+        for epoch in range(done + 1, args.epochs + 1):
+            set_lr(optimizer, utils.cosine_lr(init_lr, epoch - 1, args.epochs), init_lr)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
+                num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                worker_init_fn=utils.ignore_signals_in_worker)
+            start = time.time()
+            try:
+                train_loss = train_epoch(model, loader, optimizer, device, epoch, args.epochs)
+            except utils.NonFiniteLoss as e:
+                kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
+                raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+            row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None}
+            if epoch % args.knn_every == 0 or epoch == args.epochs:
+                model.eval()
+                row['test_acc@1'], row['test_acc@5'] = utils.knn_accuracy(
+                    feature_fn, train, test, k, args.knn_t, args.batch_size, device)
+            rows.append(row)
+            save_epoch(paths, rows, model, optimizer, epoch, args, train.classes)
+            done = epoch
+            acc = '' if row['test_acc@1'] is None else \
+                f' kNN acc@1 {row["test_acc@1"]:.2f}% acc@5 {row["test_acc@5"]:.2f}%'
+            print(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} ({time.time() - start:.1f} s)',
+                  flush=True)
+    print(f'done: statistics in {paths["csv"]}, model in {paths["model"]}', flush=True)
 
-
-UserError = utils.UserError
 
 if __name__ == '__main__':
     sys.exit(utils.cli(main, parse_args))

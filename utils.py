@@ -3,6 +3,8 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +25,20 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.t
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a file, the data): reported as one line, no traceback."""
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch, step, value):
+        super().__init__(f'the loss became {value} at epoch {epoch}, step {step}')
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; `saved` says what is on disk to continue from."""
+
+    def __init__(self, signum, saved):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved = saved
 
 
 # ----------------------------------------------------------------------------- command line
@@ -85,16 +101,91 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
-def cli(main, parse_args, argv=None):
-    """Run a script's main(args); a UserError becomes one line on stderr and exit status 2."""
-    args = parse_args(argv)
-    prog = os.path.basename(sys.argv[0]) if argv is None else 'simsiam'
+def resume_command(argv):
+    """The command line that continues an interrupted run: the same one with --resume auto."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == '--resume' and i + 1 < len(argv):
+            argv[i + 1] = 'auto'
+            break
+        if arg.startswith('--resume='):
+            argv[i] = '--resume=auto'
+            break
+    else:
+        argv += ['--resume', 'auto']
+    return shlex.join(['python'] + argv)
+
+
+def cli(main, parse_args):
+    """Run a script as a command: a UserError becomes one line on stderr and exit status 2; SIGINT or
+    SIGTERM ends the run with one line saying how to resume and status 128 + signal number."""
+    args = parse_args()
+    prog = os.path.basename(sys.argv[0])
     try:
-        main(args)
+        with signals_raise():
+            main(args)
     except UserError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv)}',
+              file=sys.stderr)
+        return 128 + e.signum
+    except _Signal as e:
+        print(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
+              file=sys.stderr)
+        return 128 + e.signum
     return 0
+
+
+class _Signal(BaseException):
+    """Raised by the signal handler; a BaseException so that no `except Exception` swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """Turn SIGINT and SIGTERM into a _Signal exception in the main thread while the block runs."""
+    def handler(signum, frame):
+        raise _Signal(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back while the block runs (so a set of files is written as a whole)."""
+    if not hasattr(signal, 'pthread_sigmask'):
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_signals_in_worker(worker_id):
+    """DataLoader worker_init_fn: the main process alone handles SIGINT and SIGTERM and stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interruptible(saved):
+    """Within the block a signal becomes Interrupted(signum, saved()), `saved` describing what is on disk."""
+    try:
+        yield
+    except _Signal as e:
+        raise Interrupted(e.signum, saved()) from None
 
 
 # ----------------------------------------------------------------------------- device and seeds
@@ -423,3 +514,47 @@ def write_csv(rows, columns, path):
     import pandas as pd
     with atomic_open(path, 'w') as f:
         pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def rng_state():
+    """Every global random-number state: torch CPU and, where initialised, each CUDA device."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {'cpu': torch.get_rng_state(), 'cuda': cuda}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['cpu'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'][:torch.cuda.device_count()])
+
+
+def run_differences(saved, current, harmless):
+    """Arguments whose values differ between a saved run and this one, ignoring the harmless ones."""
+    return [f'--{k} {saved[k]} (now {current[k]})' for k in sorted(saved)
+            if k in current and k not in harmless and saved[k] != current[k]]
+
+
+def find_state(resume, state_path, kind, script):
+    """The training state to continue from, or None to start afresh.
+
+    resume None: start afresh, but never over an existing run's state (that would lose it).
+    'auto': continue from state_path if it exists. Anything else: the path of a state to continue from.
+    """
+    if resume is None:
+        if os.path.exists(state_path):
+            name = os.path.basename(state_path)[:-len('_state.pth')]
+            raise UserError(f'{state_path!r} already holds the state of a run named {name!r}; continue it '
+                            f'with --resume auto, or pick another --name or --results_dir')
+        return None
+    if resume == 'auto':
+        if not os.path.exists(state_path):
+            print(f'--resume auto: no {state_path}, starting afresh', flush=True)
+            return None
+        resume = state_path
+    state = load_checkpoint(resume, (kind,), '--resume')
+    missing = [k for k in ('args', 'epoch', 'rows', 'rng') if k not in state]
+    if missing:
+        raise UserError(f'--resume {resume!r} lacks {", ".join(missing)}: not a state written by {script}')
+    return state

@@ -21,7 +21,7 @@ def test_folder_end_to_end(folder_data, tmp_path):
                    '--results_dir', out, '--num_workers', '2')
     assert r.returncode == 0, r.stderr
     name = 'resnet18_folder_64_5_16_2'
-    assert sorted(os.listdir(out)) == [f'{name}_model.pth', f'{name}_statistics.csv']
+    assert sorted(os.listdir(out)) == [f'{name}_model.pth', f'{name}_state.pth', f'{name}_statistics.csv']
     stats = pd.read_csv(out / f'{name}_statistics.csv')
     assert list(stats.columns[:4]) == PRETRAIN_COLUMNS
     assert stats['epoch'].tolist() == [1, 2]

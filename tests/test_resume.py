@@ -1,0 +1,173 @@
+"""Interrupted runs: kill, resume, compare with an uninterrupted run; signals; non-finite loss."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT, run_script
+
+TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
+        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--dataset', 'folder']
+
+
+def start(script, args):
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, text, timeout=300):
+    """Read stdout until a line containing `text`; returns the lines read."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f'{text!r} never appeared; stdout: {"".join(lines)}; stderr: {proc.stderr.read()}')
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)['state_dict']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(folder_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('whole')
+    r = run_script('main.py', *TINY, '--data_root', folder_data, '--results_dir', out, '--epochs', 3,
+                   '--num_workers', 2, '--name', 'run')
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):
+    args = [*TINY, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--num_workers', 2,
+            '--name', 'run']
+    proc = start('main.py', args)
+    wait_for_line(proc, 'epoch 1/3')
+    time.sleep(1.0)  # well inside epoch 2 (6 steps of a few hundred ms each)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stats = (tmp_path / 'run_statistics.csv').read_text()
+    assert len(stats.splitlines()) == 2, 'the kill should land in epoch 2'
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+    r = run_script('main.py', *args, '--resume', 'auto')
+    assert r.returncode == 0, r.stderr
+    assert 'resuming after epoch 1 of 3' in r.stdout
+    assert (tmp_path / 'run_statistics.csv').read_bytes() == (uninterrupted / 'run_statistics.csv').read_bytes()
+    a, b = weights(tmp_path / 'run_model.pth'), weights(uninterrupted / 'run_model.pth')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_keeps_the_last_state_and_says_how_to_resume(folder_data, uninterrupted, tmp_path, signum):
+    args = [*TINY, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--num_workers', 2,
+            '--name', 'run']
+    proc = start('main.py', args)
+    wait_for_line(proc, 'epoch 1/3')
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    assert 'Traceback' not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f'main.py: interrupted by {signal.Signals(signum).name}; epochs 1-1 are saved in ')
+    assert last.endswith('--resume auto')
+    state = torch.load(tmp_path / 'run_state.pth', weights_only=True)
+    assert state['epoch'] == 1 and len(state['rows']) == 1
+    expected = (uninterrupted / 'run_statistics.csv').read_text().splitlines()[:2]
+    assert (tmp_path / 'run_statistics.csv').read_text().splitlines() == expected
+
+
+def test_resume_refuses_a_different_run_but_allows_harmless_changes(folder_data, tmp_path):
+    args = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
+                            '--num_workers', '0', '--name', 'run'])
+    main.main(args)
+    before = (tmp_path / 'run_state.pth').read_bytes()
+    with pytest.raises(main.UserError, match='already holds the state of a run'):
+        main.main(args)  # a fresh start must not overwrite a run
+    for flag, value in (('--batch_size', '4'), ('--arch', 'resnet34'), ('--feature_dim', '32'), ('--epochs', '2')):
+        changed = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
+                                   '--name', 'run', flag, value, '--resume', 'auto'])
+        with pytest.raises(main.UserError, match=f'differ from the saved run: {flag} '):
+            main.main(changed)
+    assert (tmp_path / 'run_state.pth').read_bytes() == before
+    harmless = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
+                                '--name', 'run', '--num_workers', '1', '--resume', str(tmp_path / 'run_state.pth')])
+    main.main(harmless)  # complete already: nothing to do, nothing rewritten
+    assert (tmp_path / 'run_state.pth').read_bytes() == before
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(folder_data, tmp_path, monkeypatch):
+    args = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '3',
+                            '--num_workers', '0', '--name', 'run'])
+    real_loss = main.simsiam_loss
+    calls = []
+
+    def diverging(*a):  # the 9th step of the run (epoch 2, step 3) diverges
+        calls.append(1)
+        loss = real_loss(*a)
+        return loss * float('nan') if len(calls) == 9 else loss
+    monkeypatch.setattr(main, 'simsiam_loss', diverging)
+    with pytest.raises(main.UserError, match=r'the loss became nan at epoch 2, step 3; .* epoch 1 is kept'):
+        main.main(args)
+    assert len(calls) <= 12  # it stopped within the epoch (6 steps per epoch)
+    state = torch.load(tmp_path / 'run_state.pth', weights_only=True)
+    assert state['epoch'] == 1
+    assert len((tmp_path / 'run_statistics.csv').read_text().splitlines()) == 2
+
+
+def test_linear_sigkill_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):
+    model = uninterrupted / 'run_model.pth'
+    base = ['--model_path', model, '--epochs', 3, '--batch_size', 8, '--device', 'cpu', '--num_workers', 2]
+    r = run_script('linear.py', *base, '--results_dir', tmp_path / 'whole')
+    assert r.returncode == 0, r.stderr
+    proc = start('linear.py', [*base, '--results_dir', tmp_path / 'cut'])
+    wait_for_line(proc, 'epoch 1/3')
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_script('linear.py', *base, '--results_dir', tmp_path / 'cut', '--resume', 'auto')
+    assert r.returncode == 0, r.stderr
+    assert 'resuming after epoch' in r.stdout
+    for name in ('run_linear_statistics.csv',):
+        assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes()
+    a = torch.load(tmp_path / 'cut' / 'run_linear_model.pth', weights_only=True)['head']
+    b = torch.load(tmp_path / 'whole' / 'run_linear_model.pth', weights_only=True)['head']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+WRITER = '''
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+import utils
+for i in range(1, 10 ** 6):
+    utils.save_checkpoint({"i": i, "x": torch.full((1_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+'''
+
+
+def test_a_file_being_replaced_is_never_seen_truncated(tmp_path):
+    path = tmp_path / 'ckpt.pth'
+    writer = subprocess.Popen([sys.executable, '-c', WRITER, str(path), ROOT], stdout=subprocess.PIPE, text=True)
+    try:
+        writer.stdout.readline()  # the first version is in place
+        seen = set()
+        for _ in range(200):
+            ckpt = torch.load(path, weights_only=True)  # a truncated file would fail to load here
+            assert bool((ckpt['x'] == ckpt['i']).all())
+            seen.add(ckpt['i'])
+        assert len(seen) > 1, 'the writer should have replaced the file while it was read'
+    finally:
+        writer.send_signal(signal.SIGKILL)  # killed at an arbitrary point of a write
+        writer.wait()
+    ckpt = torch.load(path, weights_only=True)
+    assert bool((ckpt['x'] == ckpt['i']).all())
