@@ -8,10 +8,12 @@ import os
 import sys
 import time
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import plot
 import utils
 from model import cifar_resnet
 
@@ -37,6 +39,7 @@ def parse_args(argv=None):
                    help='DataLoader worker processes (default: the CPUs this process may use)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
+    utils.add_speed_flags(p)
     p.add_argument('--resume', default=None,
                    help="continue from a training state: its path, or 'auto' for this evaluation's state "
                         "in --results_dir if there is one")
@@ -73,16 +76,15 @@ def accuracy_counts(logits, labels):
     return utils.topk_correct(ranked, labels)
 
 
-def run_epoch(backbone, head, batches, optimizer, device, epoch):
-    """Train (optimizer given) or test the head on batches of (x, y); returns loss and acc@1, acc@5 in %."""
+def run_epoch(features, head, batches, optimizer, epoch):
+    """Train (optimizer given) or test the head on batches of ([x], y), features(x) being the frozen
+    backbone's output; returns the loss and acc@1, acc@5 in %."""
     training = optimizer is not None
     head.train(training)
-    backbone.eval()  # BN statistics of the frozen backbone never change
     total_loss, total_top1, total_top5, total = 0.0, 0, 0, 0
-    for step, (x, y) in enumerate(batches, 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for step, ((x,), y) in enumerate(batches, 1):
         with torch.no_grad():
-            feature = backbone(x)
+            feature = features(x).float()
         with torch.set_grad_enabled(training):
             logits = head(feature)
             loss = F.cross_entropy(logits, y)
@@ -98,14 +100,15 @@ def run_epoch(backbone, head, batches, optimizer, device, epoch):
         total_loss += value * len(y)
         total_top1 += top1
         total_top5 += top5
-        if hasattr(batches, 'set_postfix'):
+        if isinstance(batches, tqdm):
             batches.set_postfix(loss=f'{total_loss / total:.4f}', acc1=f'{100 * total_top1 / total:.2f}')
     return total_loss / total, 100.0 * total_top1 / total, 100.0 * total_top5 / total
 
 
-def test_batches(data, batch_size):
+def test_batches(data, batch_size, device):
     for start in range(0, len(data), batch_size):
-        yield utils.normalize(data.images[start:start + batch_size]), data.labels[start:start + batch_size]
+        images = data.images[start:start + batch_size].to(device, non_blocking=True)
+        yield [utils.normalize(images)], data.labels[start:start + batch_size].to(device, non_blocking=True)
 
 
 def snapshot(module):
@@ -117,8 +120,10 @@ def changed_entries(module, before):
 
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir'}
-COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
+HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'}
+COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5', 'lr',
+           'epoch_time']
+WALL_CLOCK = ('epoch_time',)
 
 
 def save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, classes):
@@ -141,7 +146,8 @@ def main(args):
     utils.check_writable(args.results_dir)
     name = args.name or output_name(args.model_path)
     paths = {key: os.path.join(args.results_dir, f'{name}_linear_{suffix}') for key, suffix in
-             (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'))}
+             (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'),
+              ('plot', 'statistics.png'), ('record', 'args.json'))}
     state = utils.find_state(args.resume, paths['state'], 'simsiam_linear_state', 'linear.py')
     if state is not None:
         changed = utils.run_differences(state['args'], vars(args), HARMLESS)
@@ -179,23 +185,29 @@ def main(args):
         print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
               f'the run is already complete ({done} epochs)', flush=True)
     frozen = snapshot(backbone)
-    views = utils.AugmentedViews(train, utils.linear_transform(), args.seed, views=1)
+    speed = utils.resolve_speed(args, device)
+    print(f'speed: {speed}', flush=True)
+    utils.write_json(utils.run_record(args, device, {
+        'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
+        'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
+        'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
+    source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device, args.num_workers)
+    features = speed.wrap(speed.prepare(backbone).eval())  # eval mode: BN statistics never change
     first_epoch = done + 1
     saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
     with utils.interruptible(saved):
         for epoch in range(first_epoch, args.epochs + 1):
+            lr = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
             for group in optimizer.param_groups:
-                group['lr'] = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
-            loader = torch.utils.data.DataLoader(
-                views, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
-                num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                worker_init_fn=utils.ignore_signals_in_worker)
-            start = time.time()
+                group['lr'] = lr
+            batches, steps = source.epoch(epoch, args.batch_size)
+            start = time.perf_counter()
             try:
-                with tqdm(loader, desc=f'Linear Epoch [{epoch}/{args.epochs}]', dynamic_ncols=True) as bar:
-                    train_loss, train_top1, train_top5 = run_epoch(backbone, head, bar, optimizer, device, epoch)
+                with tqdm(batches, total=steps, desc=f'Linear Epoch [{epoch}/{args.epochs}]',
+                          dynamic_ncols=True) as bar:
+                    train_loss, train_top1, train_top5 = run_epoch(features, head, bar, optimizer, epoch)
                 test_loss, test_top1, test_top5 = run_epoch(
-                    backbone, head, test_batches(test, args.batch_size), None, device, epoch)
+                    features, head, test_batches(test, args.batch_size, device), None, epoch)
             except utils.NonFiniteLoss as e:
                 kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
                 raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
@@ -205,15 +217,17 @@ def main(args):
                     raise RuntimeError(f'the frozen backbone changed during linear evaluation: {changed[:4]}')
             rows.append({'epoch': epoch, 'train_loss': train_loss, 'train_acc@1': train_top1,
                          'train_acc@5': train_top5, 'test_loss': test_loss, 'test_acc@1': test_top1,
-                         'test_acc@5': test_top5})
+                         'test_acc@5': test_top5, 'lr': lr, 'epoch_time': time.perf_counter() - start})
             save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, train.classes)
+            plot.plot_linear(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], f'{name} linear evaluation')
             done = epoch
             print(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
                   f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
-                  f'({time.time() - start:.1f} s)', flush=True)
-    best = max(r['test_acc@1'] for r in rows)
-    print(f'done: statistics in {paths["csv"]}, model in {paths["model"]}; test acc@1 last '
-          f'{rows[-1]["test_acc@1"]:.2f}%, best {best:.2f}%', flush=True)
+                  f'({rows[-1]["epoch_time"]:.1f} s)', flush=True)
+    best = max(rows, key=lambda r: r['test_acc@1'])
+    files = ', '.join(f'{key} {path}' for key, path in paths.items() if os.path.exists(path))
+    print(f'done: {files}; test acc@1 last {rows[-1]["test_acc@1"]:.2f}% (epoch {rows[-1]["epoch"]}), '
+          f'best {best["test_acc@1"]:.2f}% (epoch {best["epoch"]})', flush=True)
 
 
 if __name__ == '__main__':

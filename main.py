@@ -4,14 +4,17 @@
 """
 import copy
 import json
+import math
 import os
 import sys
 import time
 
+import pandas as pd
 import thop
 import torch
 from tqdm import tqdm
 
+import plot
 import utils
 from model import ARCHS, SimSiam, simsiam_loss
 
@@ -50,6 +53,7 @@ def parse_args(argv=None):
                    help='DataLoader worker processes (default: the CPUs this process may use)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
+    utils.add_speed_flags(p)
     p.add_argument('--resume', default=None,
                    help="continue from a training state: its path, or 'auto' for this run's state in "
                         "--results_dir if there is one")
@@ -89,25 +93,28 @@ def set_lr(optimizer, lr, init_lr):
         group['lr'] = init_lr if group['fix_lr'] else lr
 
 
-def train_epoch(model, loader, optimizer, device, epoch, epochs, check_every=10):
-    """One pass of stop-gradient training; returns the mean loss over the epoch's steps.
+def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, check_every=10, progress=True):
+    """One pass of stop-gradient training over `steps` batches of ([x1, x2], labels).
 
-    The loss stays on the device and is checked for non-finite values every `check_every` steps (a
-    host sync per step would stall a GPU); the first bad step is named exactly.
+    Returns the mean loss and the mean z_std (utils.z_std of both views) over the epoch's steps. The
+    forward runs under the autocast `speed` asks for; the loss is float32 whatever it is. Both stay on
+    the device and the loss is checked for non-finite values every `check_every` steps (a host sync per
+    step would stall a GPU); the first bad step is named exactly.
     """
     model.train()
-    losses, checked = [], 0
-    with tqdm(loader, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True) as bar:
-        for step, (x1, x2, _) in enumerate(bar, 1):
-            x1 = x1.to(device, non_blocking=True)
-            x2 = x2.to(device, non_blocking=True)
-            p1, p2, z1, z2 = model(x1, x2)
+    losses, stds, checked = [], [], 0
+    with tqdm(batches, total=steps, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True,
+              disable=not progress) as bar:
+        for step, ((x1, x2), _) in enumerate(bar, 1):
+            with speed.autocast():
+                p1, p2, z1, z2 = model(speed.layout(x1), speed.layout(x2))
             loss = simsiam_loss(p1, p2, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-            if step % check_every == 0 or step == len(loader):
+            stds.append((utils.z_std(z1) + utils.z_std(z2)) / 2)
+            if step % check_every == 0 or step == steps:
                 recent = torch.stack(losses[checked:]).cpu()
                 bad = (~recent.isfinite()).nonzero()
                 if len(bad):
@@ -115,17 +122,30 @@ def train_epoch(model, loader, optimizer, device, epoch, epochs, check_every=10)
                     raise utils.NonFiniteLoss(epoch, checked + first + 1, recent[first].item())
                 checked = len(losses)
                 bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}')
-    return torch.stack(losses).mean().item()
+    return torch.stack(losses).mean().item(), torch.stack(stds).mean().item()
 
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir'}
-COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
+HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'}
+# The seed's columns, then the collapse monitor, the schedule and the clock (train and kNN separately).
+COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5', 'z_std', 'z_std_ratio', 'lr',
+           'train_time', 'knn_time', 'epoch_time', 'images_per_s']
+WALL_CLOCK = ('train_time', 'knn_time', 'epoch_time', 'images_per_s')  # the only columns that vary run to run
 
 
 def output_paths(results_dir, name):
     return {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in
-            (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'))}
+            (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'),
+             ('plot', 'statistics.png'), ('neighbours', 'neighbours.png'), ('record', 'args.json'))}
+
+
+def draw_neighbours(bank, test, bank_features, test_features, path):
+    """Fixed test images (evenly spaced through the test set) and their nearest training images."""
+    queries = torch.linspace(0, len(test) - 1, min(plot.NEIGHBOURS, len(test))).long()
+    index, sim = utils.nearest(test_features[queries.to(test_features.device)], bank_features, plot.NEIGHBOURS)
+    index, sim = index.cpu(), sim.cpu()
+    plot.plot_neighbours(test.images[queries], bank.images[index], test.labels[queries].tolist(),
+                         bank.labels[index].numpy(), sim.numpy(), bank.classes, path)
 
 
 def model_args(args):
@@ -190,35 +210,57 @@ def main(args):
         print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
               f'the run is already complete ({done} epochs)', flush=True)
 
-    dataset = utils.AugmentedViews(train, utils.pretrain_transform(), args.seed, views=2)
-    feature_fn = model.backbone if args.knn_feature == 'backbone' else model.encode
+    speed = utils.resolve_speed(args, device)
+    print(f'speed: {speed}', flush=True)
+    utils.write_json(utils.run_record(args, device, {
+        'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
+        'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
+    source = utils.ViewSource(train, 'pretrain', speed.aug, args.seed, device, args.num_workers)
+    net = speed.prepare(model)
+    knn_fn = speed.wrap(model.backbone if args.knn_feature == 'backbone' else model.encode)
+    features = None
     saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
     with utils.interruptible(saved):
         for epoch in range(done + 1, args.epochs + 1):
-            set_lr(optimizer, utils.cosine_lr(init_lr, epoch - 1, args.epochs), init_lr)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=utils.EpochBatchSampler(len(train), args.batch_size, args.seed, epoch),
-                num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                worker_init_fn=utils.ignore_signals_in_worker)
-            start = time.time()
+            lr = utils.cosine_lr(init_lr, epoch - 1, args.epochs)
+            set_lr(optimizer, lr, init_lr)
+            batches, steps = source.epoch(epoch, args.batch_size)
+            start = time.perf_counter()
             try:
-                train_loss = train_epoch(model, loader, optimizer, device, epoch, args.epochs)
+                train_loss, z_std = train_epoch(net, batches, steps, optimizer, epoch, args.epochs, speed)
             except utils.NonFiniteLoss as e:
                 kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
                 raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
-            row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None}
+            train_time = time.perf_counter() - start
+            row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None,
+                   'z_std': z_std, 'z_std_ratio': z_std * math.sqrt(args.feature_dim), 'lr': lr}
             if epoch % args.knn_every == 0 or epoch == args.epochs:
                 model.eval()
-                row['test_acc@1'], row['test_acc@5'] = utils.knn_accuracy(
-                    feature_fn, train, test, k, args.knn_t, args.batch_size, device)
+                row['test_acc@1'], row['test_acc@5'], *features = utils.knn_monitor(
+                    knn_fn, train, test, k, args.knn_t, args.batch_size, device)
+            epoch_time = time.perf_counter() - start
+            row.update(train_time=train_time, knn_time=epoch_time - train_time, epoch_time=epoch_time,
+                       images_per_s=steps * args.batch_size / train_time)
+            if row['z_std_ratio'] < utils.COLLAPSE_THRESHOLD and \
+                    all(r['z_std_ratio'] >= utils.COLLAPSE_THRESHOLD for r in rows if 'z_std_ratio' in r):
+                print(f'warning: epoch {epoch}: z_std_ratio {row["z_std_ratio"]:.3f} is under '
+                      f'{utils.COLLAPSE_THRESHOLD}: the representation may be collapsing (see README)',
+                      file=sys.stderr, flush=True)
             rows.append(row)
             save_epoch(paths, rows, model, optimizer, epoch, args, train.classes)
+            plot.plot_pretrain(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], name)
             done = epoch
             acc = '' if row['test_acc@1'] is None else \
                 f' kNN acc@1 {row["test_acc@1"]:.2f}% acc@5 {row["test_acc@5"]:.2f}%'
-            print(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} ({time.time() - start:.1f} s)',
+            print(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} z_std_ratio '
+                  f'{row["z_std_ratio"]:.3f} ({train_time:.1f} s train, {epoch_time - train_time:.1f} s kNN)',
                   flush=True)
-    print(f'done: statistics in {paths["csv"]}, model in {paths["model"]}', flush=True)
+    if features:
+        draw_neighbours(train, test, *features, paths['neighbours'])
+    last = rows[-1]
+    files = ', '.join(f'{key} {path}' for key, path in paths.items() if os.path.exists(path))
+    print(f'done: {files}; epoch {last["epoch"]} kNN acc@1 {last["test_acc@1"]:.2f}% '
+          f'acc@5 {last["test_acc@5"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':

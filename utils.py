@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
+import augment
+from augment import IMAGE_SIZE, MEAN, STD, normalize
+
 DATASETS = ('cifar10', 'cifar100', 'folder')
-# Per-channel statistics of the CIFAR-10 training set, as the reference code uses for every dataset.
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2023, 0.1994, 0.2010)
-IMAGE_SIZE = 32
+AUGMENTATIONS = ('batched', 'pil')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 
 
@@ -54,44 +54,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
-    return value
+def _number(convert, accept, requirement, noun):
+    """An argparse type: convert the text, then check it (finite floats only)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
+        if not (accept(value) and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f'must be {requirement}, got {text}')
+        return value
+    return parse
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be zero or more, got {value}')
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
-    return value
-
-
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f'must be zero or a positive number, got {text}')
-    return value
+positive_int = _number(int, lambda v: v > 0, 'a positive integer', 'an integer')
+non_negative_int = _number(int, lambda v: v >= 0, 'zero or more', 'an integer')
+positive_float = _number(float, lambda v: v > 0, 'a positive number', 'a number')
+non_negative_float = _number(float, lambda v: v >= 0, 'zero or a positive number', 'a number')
 
 
 def available_cpus():
@@ -186,6 +165,61 @@ def interruptible(saved):
         yield
     except _Signal as e:
         raise Interrupted(e.signum, saved()) from None
+
+
+# ----------------------------------------------------------------------------- speed settings
+
+def add_speed_flags(p):
+    p.add_argument('--aug', default='auto', choices=('auto',) + AUGMENTATIONS,
+                   help="'batched': augment whole batches on the device; 'pil': per-image PIL transforms in "
+                        "DataLoader workers (the reference path); auto = batched (the faster on both CPU and GPU)")
+    p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
+                   help='bf16 autocast for the forward pass; auto = on for CUDA, off on a CPU')
+    p.add_argument('--channels_last', default='auto', choices=('auto', 'on', 'off'),
+                   help='NHWC memory layout for the convolutions; auto = on for CUDA (the layout of '
+                        "cuDNN's bf16 kernels), off on a CPU (no difference beyond noise measured there)")
+    p.add_argument('--compile', action='store_true', help='wrap the model in torch.compile')
+
+
+@dataclass
+class Speed:
+    """How the training step runs; decided once from the flags and the device, then used everywhere."""
+    device: torch.device
+    aug: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare(self, model):
+        """The module to train: the same parameters, in the chosen layout, compiled if asked."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if self.compile else model
+
+    def wrap(self, fn):
+        """fn under the same autocast and layout (for the kNN monitor's embedding pass)."""
+        def run(x):
+            with self.autocast():
+                return fn(self.layout(x))
+        return run
+
+    def __str__(self):
+        return (f'aug {self.aug}, amp {"bf16" if self.amp else "off"}, channels_last '
+                f'{"on" if self.channels_last else "off"}, compile {"on" if self.compile else "off"}')
+
+
+def resolve_speed(args, device):
+    cuda = device.type == 'cuda'
+    pick = lambda value, auto: auto if value == 'auto' else value == 'on'
+    aug = 'batched' if args.aug == 'auto' else args.aug
+    # bf16 autocast is slower by an order of magnitude on CPUs without native bf16 (AVX-512 BF16 or AMX)
+    return Speed(device, aug, pick(args.amp, cuda), pick(args.channels_last, cuda), args.compile)
 
 
 # ----------------------------------------------------------------------------- device and seeds
@@ -329,13 +363,6 @@ def linear_transform(mean=MEAN, std=STD, size=IMAGE_SIZE):
     ])
 
 
-def normalize(images, mean=MEAN, std=STD):
-    """The test transform on a uint8 batch (N, 3, H, W): exactly ToTensor() then Normalize()."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 class AugmentedViews(torch.utils.data.Dataset):
     """`views` independently augmented views of each image, plus its label (CIFAR10Pair for views=2).
 
@@ -390,6 +417,56 @@ class EpochBatchSampler:
             yield [(self.epoch, int(i)) for i in batch]
 
 
+class ViewSource:
+    """Each epoch's batches of augmented views, already on the device, from one of two paths.
+
+    'pil': the reference path, per-image PIL transforms (pretrain_transform or linear_transform) in
+    DataLoader worker processes. 'batched': the whole uint8 dataset lives on the device and whole
+    batches are augmented there (augment.pretrain_augment or augment.linear_augment) with a generator
+    seeded by (seed, epoch, rank). Both iterate over epoch_batches, so they see the same images in the
+    same order; only the augmentation randomness differs. Yields ([view, ...], labels).
+    """
+
+    def __init__(self, data, stage, aug, seed, device, num_workers=0, rank=0, world_size=1):
+        assert stage in ('pretrain', 'linear') and aug in AUGMENTATIONS
+        self.views = 2 if stage == 'pretrain' else 1
+        self.aug, self.seed, self.device = aug, seed, device
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.n = len(data)
+        if aug == 'pil':
+            transform = pretrain_transform() if stage == 'pretrain' else linear_transform()
+            self.dataset = AugmentedViews(data, transform, seed, self.views)
+        else:
+            self.images = data.images.to(device)
+            self.labels = data.labels.to(device)
+            self.augment = augment.pretrain_augment if stage == 'pretrain' else augment.linear_augment
+
+    def epoch(self, epoch, batch_size):
+        """(iterable of ([views], labels), number of steps) for one epoch."""
+        if self.aug == 'pil':
+            sampler = EpochBatchSampler(self.n, batch_size, self.seed, epoch, self.rank, self.world_size)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_signals_in_worker)
+            return self._from_loader(loader), len(loader)
+        batches = epoch_batches(self.n, batch_size, self.seed, epoch, self.rank, self.world_size)
+        if not batches:
+            return iter(()), 0
+        batches = torch.stack(batches).to(self.device)  # one copy per epoch, not one per step
+        return self._batched(batches, generator(self.seed, epoch, self.rank, device=self.device)), len(batches)
+
+    def _from_loader(self, loader):
+        for *views, labels in loader:
+            yield [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
+
+    def _batched(self, batches, gen):
+        for index in batches:
+            images = self.images[index]
+            # all views of a batch in one call: per-image randomness makes them independent
+            views = self.augment(images.repeat(self.views, 1, 1, 1), gen).chunk(self.views)
+            yield list(views), self.labels[index]
+
+
 # ----------------------------------------------------------------------------- kNN monitor
 
 def knn_predict(feature, feature_bank, feature_labels, classes, k, t, chunk_size=1024):
@@ -429,8 +506,9 @@ def topk_correct(ranked, labels, ks=(1, 5)):
     return [hits[:, :min(k, ranked.size(1))].any(dim=1).sum().item() for k in ks]
 
 
-def knn_accuracy(fn, bank, test, k, t, batch_size, device):
-    """kNN top-1 and top-5 accuracy (%) of the test set against a bank of training images.
+def knn_monitor(fn, bank, test, k, t, batch_size, device):
+    """kNN top-1 and top-5 accuracy (%) of the test set against a bank of training images, and the
+    features (bank (N, D), test (M, D)) it compared.
 
     fn maps a normalised batch to features; the caller puts the model in eval mode. The bank uses the
     test transform (one view), as do the queries.
@@ -439,7 +517,26 @@ def knn_accuracy(fn, bank, test, k, t, batch_size, device):
     test_features = embed(fn, test.images, batch_size, device)
     ranked = knn_predict(test_features, bank_features, bank.labels.to(device), len(bank.classes), k, t)
     top1, top5 = topk_correct(ranked, test.labels.to(device))
-    return 100.0 * top1 / len(test), 100.0 * top5 / len(test)
+    return 100.0 * top1 / len(test), 100.0 * top5 / len(test), bank_features, test_features
+
+
+def nearest(queries, bank, n):
+    """Indices (Q, n) and cosine similarities (Q, n) of the n bank rows nearest each normalised query."""
+    sim, index = (queries.float() @ bank.float().T).topk(min(n, len(bank)), dim=1)
+    return index, sim
+
+
+# ----------------------------------------------------------------------------- collapse monitor
+
+# z_std_ratio under this is reported: a ratio r means the normalised outputs spread like those of a
+# uniform distribution over r^2 of the d dimensions (0.2 -> 4%, some 80 of 2048); a collapsed run is at 0.
+COLLAPSE_THRESHOLD = 0.2
+
+
+def z_std(z):
+    """Per-channel std over the batch of z / ||z||_2, averaged over channels (paper Sec. 4.1, Fig. 2):
+    about 1/sqrt(d) for outputs spread over the unit sphere, 0 when every output is the same vector."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -462,6 +559,15 @@ def check_writable(folder):
         raise UserError(f'--results_dir {folder!r} is not writable ({e.strerror or e})') from None
 
 
+def _file_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_UMASK_MODE = _file_mode()  # the mode open() would give a new file
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Write to a temporary file beside `path`, flush and fsync it, then os.replace it into place.
@@ -471,6 +577,7 @@ def atomic_open(path, mode='wb'):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.fchmod(fd, _UMASK_MODE)  # mkstemp makes files private (0600); results are for sharing
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -558,3 +665,45 @@ def find_state(resume, state_path, kind, script):
     if missing:
         raise UserError(f'--resume {resume!r} lacks {", ".join(missing)}: not a state written by {script}')
     return state
+
+
+# ----------------------------------------------------------------------------- run records
+
+def run_record(args, device, extra):
+    """What a run was: every argument, the library versions, the device and the code's git commit."""
+    import platform
+    import subprocess
+    import torchvision
+    versions = {'python': platform.python_version(), 'torch': torch.__version__,
+                'torchvision': torchvision.__version__}
+    for module in ('numpy', 'pandas', 'thop', 'tqdm', 'matplotlib', 'PIL'):
+        try:
+            versions[module] = getattr(__import__(module), '__version__', 'unknown')
+        except ImportError:
+            versions[module] = None
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open('/proc/cpuinfo') as f:
+                names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+            device_name = f'{names[0]} ({available_cpus()} CPUs available)' if names else device_name
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = dirty = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = lambda *a: subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=10)
+        head = git('rev-parse', 'HEAD')
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = bool(git('status', '--porcelain', '--untracked-files=no').stdout.strip())
+    return {'args': vars(args), **extra, 'device': str(device), 'device_name': device_name,
+            'versions': versions, 'git_commit': commit, 'git_dirty': dirty,
+            'command': ' '.join(sys.argv)}
+
+
+def write_json(obj, path):
+    import json
+    with atomic_open(path, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write('\n')

@@ -26,38 +26,20 @@ def shape_mask(kind, cy, cx, r, size=32):
     raise ValueError(kind)
 
 
-def iso_luma_colour(rng, luma, chroma):
-    weights = np.array([0.299, 0.587, 0.114])
-    c = rng.normal(size=3)
-    c -= weights * (c @ weights) / (weights @ weights)
-    c *= chroma * rng.uniform(0.5, 1) / np.linalg.norm(c)
-    return luma + c
-
-
-def make_shapes(n_per_class, seed, classes=SHAPES, size=32, grey=False, radius=(6, 10), fixed=False, copies=1, luma=None):
+def make_shapes(n_per_class, seed, classes=SHAPES, size=32):
     """Images (N, size, size, 3) uint8 whose class is the shape; colour, position and size are random."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for label, kind in enumerate(classes):
         for _ in range(n_per_class):
-            r = rng.uniform(*radius)
+            r = rng.uniform(6, 10)
             cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
             fg, bg = rng.integers(0, 256, size=(2, 3))
             while np.abs(fg - bg).sum() < 150:
                 fg, bg = rng.integers(0, 256, size=(2, 3))
-            if grey:
-                fg, bg = fg.mean(), bg.mean()
-            if luma is not None:  # random hue and saturation at a fixed luminance
-                fg, bg = (iso_luma_colour(rng, y, chroma=70) for y in luma)
-            if fixed:
-                fg, bg = np.array([230, 200, 60]), np.array([30, 60, 120])
             img = np.empty((size, size, 3), np.float32)
             img[:] = bg
             img[shape_mask(kind, cy, cx, r, size)] = fg
-            for _ in range(copies - 1):
-                r = rng.uniform(*radius)
-                cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
-                img[shape_mask(kind, cy, cx, r, size)] = fg
             img += rng.normal(0, 8, img.shape)
             images.append(np.clip(img, 0, 255).astype(np.uint8))
             labels.append(label)
@@ -65,10 +47,10 @@ def make_shapes(n_per_class, seed, classes=SHAPES, size=32, grey=False, radius=(
     return np.stack(images)[order], np.array(labels)[order]
 
 
-def write_folder(root, n_train, n_test, seed=0, classes=SHAPES, **kwargs):
+def write_folder(root, n_train, n_test, seed=0, classes=SHAPES):
     """An image folder root/{train,test}/<class>/*.png with n_train and n_test images per class."""
     for split, n, s in (('train', n_train, seed), ('test', n_test, seed + 1000)):
-        images, labels = make_shapes(n, s, classes, **kwargs)
+        images, labels = make_shapes(n, s, classes)
         for i, (img, label) in enumerate(zip(images, labels)):
             folder = os.path.join(root, split, classes[label])
             os.makedirs(folder, exist_ok=True)
@@ -97,10 +79,28 @@ def write_cifar10(root, n_train, n_test, seed=0):
     return str(root)
 
 
+# The settings of most end-to-end runs: the smallest model the scripts offer, 4 steps per epoch.
+TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
+        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--num_workers', '0', '--dataset', 'folder']
+
+
 @pytest.fixture(scope='session')
 def folder_data(tmp_path_factory):
-    """4 shape classes, 12 train and 6 test images per class."""
-    return write_folder(tmp_path_factory.mktemp('folder'), 12, 6)
+    """4 shape classes, 8 train and 4 test images per class (32 and 16)."""
+    return write_folder(tmp_path_factory.mktemp('folder'), 8, 4)
+
+
+@pytest.fixture(scope='session')
+def finished(folder_data, tmp_path_factory):
+    """A results folder with a finished 2-epoch pretraining run 'run' and its 2-epoch linear evaluation."""
+    import linear
+    import main
+    out = tmp_path_factory.mktemp('finished')
+    main.main(main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(out), '--epochs', '2',
+                               '--name', 'run']))
+    linear.main(linear.parse_args(['--model_path', str(out / 'run_model.pth'), '--results_dir', str(out),
+                                   '--epochs', '2', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+    return out
 
 
 @pytest.fixture
@@ -115,3 +115,21 @@ def run_script(script, *args, timeout=600, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=kwargs.get('cwd', ROOT),
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def csv_without(path, columns):
+    """The cells of a CSV as text, without the given columns: for comparing runs digit for digit."""
+    import csv
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    keep = [i for i, name in enumerate(rows[0]) if name not in columns]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def png_size(path):
+    """(width, height) of a PNG file, read from its header; fails if the file is not a PNG."""
+    import struct
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR', f'{path} is not a PNG'
+    return struct.unpack('>II', head[16:24])

@@ -9,21 +9,9 @@ import torch
 import linear
 import main
 import utils
-from conftest import run_script
+from conftest import TINY, run_script
 
-TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
-        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--num_workers', '0', '--epochs', '1']
-
-
-@pytest.fixture(scope='module')
-def finished(folder_data, tmp_path_factory):
-    """A results folder holding a finished pretraining run and a finished linear evaluation."""
-    out = tmp_path_factory.mktemp('results')
-    main.main(main.parse_args([*TINY, '--dataset', 'folder', '--data_root', folder_data, '--results_dir', str(out),
-                               '--name', 'run']))
-    linear.main(linear.parse_args(['--model_path', str(out / 'run_model.pth'), '--results_dir', str(out),
-                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
-    return out
+TINY = [*TINY, '--epochs', '1']
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +56,7 @@ MAIN_CASES = [
     (['--knn_t', '-0.1'], 'argument --knn_t: must be a positive number, got -0.1'),
     (['--arch', 'vgg16'], "argument --arch: invalid choice: 'vgg16'"),
     (['--dataset', 'imagenet'], "argument --dataset: invalid choice: 'imagenet'"),
-    (['--batch_size', '500'], '--batch_size 500 is larger than the training set (48 images): no step would run'),
+    (['--batch_size', '500'], '--batch_size 500 is larger than the training set (32 images): no step would run'),
     (['--data_root', '{bad}/nowhere'], "--data_root '{bad}/nowhere' does not exist"),
     (['--data_root', '{bad}/notes'], "--dataset folder: '{bad}/notes/train' is not a directory"),
     (['--results_dir', '{bad}/file/sub'], "--results_dir '{bad}/file/sub' is not writable"),
@@ -88,7 +76,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize('extra,message', MAIN_CASES)
 def test_main_bad_input(extra, message, folder_data, finished, bad_files, monkeypatch, capsys):
     fill = lambda s: s.format(bad=bad_files, out=finished)
-    argv = [*TINY, '--dataset', 'folder', '--data_root', folder_data, '--results_dir', str(finished),
+    argv = [*TINY, '--data_root', folder_data, '--results_dir', str(finished),
             '--name', 'other', *map(fill, extra)]
     before = snapshot(finished)
     status, err = run_cli(main, argv, monkeypatch, capsys)
@@ -112,7 +100,7 @@ LINEAR_CASES = [
     (['--resume', '{bad}/noise.pth'], 'is not a checkpoint written by torch.save'),
     (['--epochs', '0'], 'argument --epochs: must be a positive integer, got 0'),
     (['--lr', '-30'], 'argument --lr: must be a positive number, got -30'),
-    (['--batch_size', '100'], '--batch_size 100 is larger than the training set (48 images)'),
+    (['--batch_size', '100'], '--batch_size 100 is larger than the training set (32 images)'),
     (['--dataset', 'svhn'], "argument --dataset: invalid choice: 'svhn'"),
     (['--data_root', '{bad}/nowhere'], "--data_root '{bad}/nowhere' does not exist"),
     (['--results_dir', '{bad}/file/sub'], "--results_dir '{bad}/file/sub' is not writable"),
@@ -140,7 +128,8 @@ def test_cifar_missing_offline(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
     monkeypatch.setattr(cifar, 'download_and_extract_archive', offline)
-    status, err = run_cli(main, [*TINY, '--data_root', tmp_path / 'data', '--results_dir', tmp_path / 'r'],
+    status, err = run_cli(main, [*TINY, '--dataset', 'cifar10', '--data_root', tmp_path / 'data',
+                                 '--results_dir', tmp_path / 'r'],
                           monkeypatch, capsys)
     assert status == 2
     assert err.strip().splitlines() == [
@@ -152,9 +141,9 @@ def test_cifar_missing_offline(tmp_path, monkeypatch, capsys):
 
 
 def test_k_larger_than_the_bank_is_clamped_with_a_warning(folder_data, tmp_path, capsys):
-    main.main(main.parse_args([*TINY, '--k', '500', '--dataset', 'folder', '--data_root', folder_data,
+    main.main(main.parse_args([*TINY, '--k', '500', '--data_root', folder_data,
                                '--results_dir', str(tmp_path), '--name', 'k']))
-    assert 'warning: --k 500 is larger than the kNN bank (48 images); using k=48' in capsys.readouterr().err
+    assert 'warning: --k 500 is larger than the kNN bank (32 images); using k=32' in capsys.readouterr().err
     assert (tmp_path / 'k_statistics.csv').exists()
 
 

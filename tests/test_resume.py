@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
+import linear
 import main
-from conftest import ROOT, run_script
+import utils
+from conftest import ROOT, TINY, csv_without, run_script
 
-TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
-        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--dataset', 'folder']
+PIL = ['--aug', 'pil', '--num_workers', '2']  # augmentation in DataLoader worker processes
 
 
 def start(script, args):
@@ -35,6 +36,13 @@ def wait_for_line(proc, text, timeout=300):
     raise AssertionError(f'{text!r} never appeared; stdout: {"".join(lines)}; stderr: {proc.stderr.read()}')
 
 
+def same_csv(a, b, wall_clock):
+    """Digit for digit the same in every column but the wall-clock ones (which no two runs share)."""
+    rows = csv_without(a, wall_clock)
+    assert len(rows) > 1 and len(rows[0]) >= 4
+    return rows == csv_without(b, wall_clock)
+
+
 def weights(path):
     return torch.load(path, weights_only=True)['state_dict']
 
@@ -42,18 +50,17 @@ def weights(path):
 @pytest.fixture(scope='module')
 def uninterrupted(folder_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('whole')
-    r = run_script('main.py', *TINY, '--data_root', folder_data, '--results_dir', out, '--epochs', 3,
-                   '--num_workers', 2, '--name', 'run')
+    r = run_script('main.py', *TINY, *PIL, '--data_root', folder_data, '--results_dir', out, '--epochs', 3,
+                   '--name', 'run')
     assert r.returncode == 0, r.stderr
     return out
 
 
 def test_sigkill_mid_epoch_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):
-    args = [*TINY, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--num_workers', 2,
-            '--name', 'run']
+    args = [*TINY, *PIL, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--name', 'run']
     proc = start('main.py', args)
     wait_for_line(proc, 'epoch 1/3')
-    time.sleep(1.0)  # well inside epoch 2 (6 steps of a few hundred ms each)
+    time.sleep(1.0)  # inside epoch 2 (4 steps of about half a second each)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stats = (tmp_path / 'run_statistics.csv').read_text()
@@ -63,15 +70,14 @@ def test_sigkill_mid_epoch_then_resume_is_the_same_run(folder_data, uninterrupte
     r = run_script('main.py', *args, '--resume', 'auto')
     assert r.returncode == 0, r.stderr
     assert 'resuming after epoch 1 of 3' in r.stdout
-    assert (tmp_path / 'run_statistics.csv').read_bytes() == (uninterrupted / 'run_statistics.csv').read_bytes()
+    assert same_csv(tmp_path / 'run_statistics.csv', uninterrupted / 'run_statistics.csv', main.WALL_CLOCK)
     a, b = weights(tmp_path / 'run_model.pth'), weights(uninterrupted / 'run_model.pth')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_signal_keeps_the_last_state_and_says_how_to_resume(folder_data, uninterrupted, tmp_path, signum):
-    args = [*TINY, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--num_workers', 2,
-            '--name', 'run']
+    args = [*TINY, *PIL, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--name', 'run']
     proc = start('main.py', args)
     wait_for_line(proc, 'epoch 1/3')
     time.sleep(0.5)
@@ -84,8 +90,34 @@ def test_signal_keeps_the_last_state_and_says_how_to_resume(folder_data, uninter
     assert last.endswith('--resume auto')
     state = torch.load(tmp_path / 'run_state.pth', weights_only=True)
     assert state['epoch'] == 1 and len(state['rows']) == 1
-    expected = (uninterrupted / 'run_statistics.csv').read_text().splitlines()[:2]
-    assert (tmp_path / 'run_statistics.csv').read_text().splitlines() == expected
+    expected = csv_without(uninterrupted / 'run_statistics.csv', main.WALL_CLOCK)[:2]
+    assert csv_without(tmp_path / 'run_statistics.csv', main.WALL_CLOCK) == expected
+
+
+def test_batched_path_interrupted_and_resumed_is_the_same_run(folder_data, tmp_path, monkeypatch):
+    def args(out):
+        return main.parse_args([*TINY, '--aug', 'batched', '--data_root', folder_data, '--results_dir', str(out),
+                                '--epochs', '3', '--num_workers', '0', '--name', 'run'])
+    main.main(args(tmp_path / 'whole'))
+    real = main.train_epoch
+
+    def interrupted_in_epoch_2(model, batches, steps, optimizer, epoch, *rest, **kw):
+        if epoch == 2:
+            next(iter(batches))  # part of the epoch's data is drawn, then the signal arrives
+            raise utils._Signal(signal.SIGTERM)
+        return real(model, batches, steps, optimizer, epoch, *rest, **kw)
+    monkeypatch.setattr(main, 'train_epoch', interrupted_in_epoch_2)
+    with pytest.raises(utils.Interrupted, match='SIGTERM') as e:
+        main.main(args(tmp_path / 'cut'))
+    assert 'epochs 1-1 are saved' in e.value.saved
+    monkeypatch.setattr(main, 'train_epoch', real)
+    resumed = args(tmp_path / 'cut')
+    resumed.resume = 'auto'
+    main.main(resumed)
+    assert same_csv(tmp_path / 'cut' / 'run_statistics.csv', tmp_path / 'whole' / 'run_statistics.csv',
+                    main.WALL_CLOCK)
+    a, b = weights(tmp_path / 'cut' / 'run_model.pth'), weights(tmp_path / 'whole' / 'run_model.pth')
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_different_run_but_allows_harmless_changes(folder_data, tmp_path):
@@ -113,14 +145,14 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(folder_data
     real_loss = main.simsiam_loss
     calls = []
 
-    def diverging(*a):  # the 9th step of the run (epoch 2, step 3) diverges
+    def diverging(*a):  # the 7th step of the run (epoch 2, step 3 of 4) diverges
         calls.append(1)
         loss = real_loss(*a)
-        return loss * float('nan') if len(calls) == 9 else loss
+        return loss * float('nan') if len(calls) == 7 else loss
     monkeypatch.setattr(main, 'simsiam_loss', diverging)
     with pytest.raises(main.UserError, match=r'the loss became nan at epoch 2, step 3; .* epoch 1 is kept'):
         main.main(args)
-    assert len(calls) <= 12  # it stopped within the epoch (6 steps per epoch)
+    assert len(calls) <= 8  # it stopped within the epoch
     state = torch.load(tmp_path / 'run_state.pth', weights_only=True)
     assert state['epoch'] == 1
     assert len((tmp_path / 'run_statistics.csv').read_text().splitlines()) == 2
@@ -138,8 +170,8 @@ def test_linear_sigkill_then_resume_is_the_same_run(folder_data, uninterrupted, 
     r = run_script('linear.py', *base, '--results_dir', tmp_path / 'cut', '--resume', 'auto')
     assert r.returncode == 0, r.stderr
     assert 'resuming after epoch' in r.stdout
-    for name in ('run_linear_statistics.csv',):
-        assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes()
+    assert same_csv(tmp_path / 'cut' / 'run_linear_statistics.csv', tmp_path / 'whole' / 'run_linear_statistics.csv',
+                    linear.WALL_CLOCK)
     a = torch.load(tmp_path / 'cut' / 'run_linear_model.pth', weights_only=True)['head']
     b = torch.load(tmp_path / 'whole' / 'run_linear_model.pth', weights_only=True)['head']
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,42 +1,46 @@
 """main.py then linear.py end to end on generated data, as subprocesses and in-process."""
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import linear
 import main
-from conftest import run_script, write_cifar10
+from conftest import TINY, csv_without, run_script, write_cifar10, write_folder
 
-TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
-        '--batch_size', '16', '--k', '5', '--num_workers', '0', '--device', 'cpu']
 PRETRAIN_COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
 LINEAR_COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
 
 
 def test_folder_end_to_end(folder_data, tmp_path):
     out = tmp_path / 'results'
-    r = run_script('main.py', *TINY, '--epochs', '2', '--dataset', 'folder', '--data_root', folder_data,
-                   '--results_dir', out, '--num_workers', '2')
+    r = run_script('main.py', *TINY, '--epochs', '2', '--data_root', folder_data,
+                   '--results_dir', out, '--num_workers', '2', '--aug', 'pil')
     assert r.returncode == 0, r.stderr
-    name = 'resnet18_folder_64_5_16_2'
-    assert sorted(os.listdir(out)) == [f'{name}_model.pth', f'{name}_state.pth', f'{name}_statistics.csv']
+    name = 'resnet18_folder_64_5_8_2'
+    assert sorted(os.listdir(out)) == sorted(f'{name}_{suffix}' for suffix in (
+        'model.pth', 'state.pth', 'statistics.csv', 'statistics.png', 'neighbours.png', 'args.json'))
     stats = pd.read_csv(out / f'{name}_statistics.csv')
     assert list(stats.columns[:4]) == PRETRAIN_COLUMNS
     assert stats['epoch'].tolist() == [1, 2]
     assert stats['test_acc@1'].between(0, 100).all() and stats['test_acc@5'].between(0, 100).all()
     assert 'params: backbone 11.17 M' in r.stdout and 'FLOPs 0.56 G' in r.stdout
+    assert 'speed: aug pil, amp off' in r.stdout
 
     ckpt = torch.load(out / f'{name}_model.pth', weights_only=True)
     assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64}
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
 
     r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
-                   '--epochs', '2', '--batch_size', '16', '--num_workers', '2', '--device', 'cpu')
+                   '--epochs', '2', '--batch_size', '16', '--num_workers', '2', '--device', 'cpu', '--aug', 'pil')
     assert r.returncode == 0, r.stderr
     stats = pd.read_csv(out / f'{name}_linear_statistics.csv')
     assert list(stats.columns[:7]) == LINEAR_COLUMNS and stats['epoch'].tolist() == [1, 2]
+    assert all((out / f'{name}_linear_{suffix}').exists() for suffix in ('statistics.png', 'args.json', 'state.pth'))
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith('done: csv ') and f'test acc@1 last {stats["test_acc@1"].iloc[-1]:.2f}% (epoch 2)' in last
     head = torch.load(out / f'{name}_linear_model.pth', weights_only=True)
     assert head['head']['weight'].shape == (4, 512)
     # the backbone saved with the head is the pretrained one, unchanged
@@ -44,11 +48,13 @@ def test_folder_end_to_end(folder_data, tmp_path):
         assert torch.equal(value, ckpt['state_dict']['backbone.' + key]), key
 
 
-def test_cifar10_code_path(tmp_path, cifar_files_ok):
+def test_cifar10_code_path(tmp_path, cifar_files_ok, capsys):
     data = write_cifar10(tmp_path / 'data', 40, 20)
-    args = main.parse_args(TINY + ['--epochs', '1', '--data_root', data, '--results_dir', str(tmp_path / 'r')])
+    args = main.parse_args(TINY + ['--epochs', '1', '--dataset', 'cifar10', '--data_root', data,
+                                   '--results_dir', str(tmp_path / 'r')])
     main.main(args)
-    name = 'resnet18_cifar10_64_5_16_1'
+    assert 'speed: aug batched, amp off, channels_last off' in capsys.readouterr().out
+    name = 'resnet18_cifar10_64_5_8_1'
     stats = pd.read_csv(tmp_path / 'r' / f'{name}_statistics.csv')
     assert list(stats.columns[:4]) == PRETRAIN_COLUMNS and len(stats) == 1
     linear.main(linear.parse_args(['--model_path', str(tmp_path / 'r' / f'{name}_model.pth'), '--epochs', '1',
@@ -59,21 +65,21 @@ def test_cifar10_code_path(tmp_path, cifar_files_ok):
 
 
 def test_same_seed_same_csv(folder_data, tmp_path):
-    texts = []
+    tables = []
     for run in ('a', 'b'):
-        args = main.parse_args(TINY + ['--epochs', '2', '--dataset', 'folder', '--data_root', folder_data,
+        args = main.parse_args(TINY + ['--epochs', '2', '--data_root', folder_data,
                                        '--results_dir', str(tmp_path / run)])
         main.main(args)
-        texts.append((tmp_path / run / 'resnet18_folder_64_5_16_2_statistics.csv').read_text())
-    assert texts[0] == texts[1]
+        tables.append(csv_without(tmp_path / run / 'resnet18_folder_64_5_8_2_statistics.csv', main.WALL_CLOCK))
+    assert tables[0] == tables[1] and len(tables[0]) == 3
     args.seed = 1
     args.results_dir = str(tmp_path / 'c')
     main.main(args)
-    assert (tmp_path / 'c' / 'resnet18_folder_64_5_16_2_statistics.csv').read_text() != texts[0]
+    assert csv_without(tmp_path / 'c' / 'resnet18_folder_64_5_8_2_statistics.csv', main.WALL_CLOCK) != tables[0]
 
 
 def test_knn_every_leaves_gaps_and_always_measures_the_last_epoch(folder_data, tmp_path):
-    args = main.parse_args(TINY + ['--epochs', '3', '--knn_every', '2', '--dataset', 'folder',
+    args = main.parse_args(TINY + ['--epochs', '3', '--knn_every', '2',
                                    '--data_root', folder_data, '--results_dir', str(tmp_path), '--name', 'gaps'])
     main.main(args)
     stats = pd.read_csv(tmp_path / 'gaps_statistics.csv')
@@ -81,7 +87,7 @@ def test_knn_every_leaves_gaps_and_always_measures_the_last_epoch(folder_data, t
 
 
 def test_linear_refuses_a_checkpoint_that_does_not_fit(folder_data, tmp_path):
-    args = main.parse_args(TINY + ['--epochs', '1', '--dataset', 'folder', '--data_root', folder_data,
+    args = main.parse_args(TINY + ['--epochs', '1', '--data_root', folder_data,
                                    '--results_dir', str(tmp_path), '--name', 'run'])
     main.main(args)
     ckpt = torch.load(tmp_path / 'run_model.pth', weights_only=True)
@@ -104,3 +110,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     r = run_script('main.py', '--batch_size', '0')
     assert r.returncode == 2 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert '--batch_size: must be a positive integer' in r.stderr
+
+
+def test_bf16_autocast_gives_a_finite_float32_loss(tmp_path):
+    root = write_folder(tmp_path / 'data', 1, 1)  # 4 images: bf16 convolutions are slow on most CPUs
+    args = main.parse_args(TINY + ['--epochs', '1', '--batch_size', '4', '--k', '2', '--amp', 'on',
+                                   '--data_root', root, '--results_dir', str(tmp_path / 'r'), '--name', 'bf16'])
+    main.main(args)
+    stats = pd.read_csv(tmp_path / 'r' / 'bf16_statistics.csv')
+    assert stats['train_loss'].dtype == 'float64' and np.isfinite(stats['train_loss']).all()
+    # the loss is computed in float32: its CSV value is not a bf16 number (8 bits of mantissa)
+    value = float(stats['train_loss'][0])
+    assert torch.tensor(value).bfloat16().float().item() != value
+    assert stats['test_acc@1'].between(0, 100).all()

@@ -49,17 +49,17 @@ def test_topk_correct():
     assert utils.topk_correct(ranked[:, :2], labels) == [1, 2]  # k=5 is clipped to two classes
 
 
-def test_knn_accuracy_on_separable_features():
+def test_knn_monitor_on_separable_features():
     bank = utils.ImageSet(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ['a', 'b'])
     bank.images[2:] = 255
     test = utils.ImageSet(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), ['a', 'b'])
     test.images[1] = 250
     # a feature that separates dark from bright images
     fn = lambda x: torch.stack([x.mean(dim=(1, 2, 3)), torch.ones(len(x))], dim=1)
-    top1, top5 = utils.knn_accuracy(fn, bank, test, k=2, t=0.1, batch_size=3, device=torch.device('cpu'))
+    top1, top5, _, _ = utils.knn_monitor(fn, bank, test, k=2, t=0.1, batch_size=3, device=torch.device("cpu"))
     assert (top1, top5) == (100.0, 100.0)
     test.labels = torch.tensor([1, 0])
-    top1, _ = utils.knn_accuracy(fn, bank, test, k=2, t=0.1, batch_size=3, device=torch.device('cpu'))
+    top1, _, _, _ = utils.knn_monitor(fn, bank, test, k=2, t=0.1, batch_size=3, device=torch.device("cpu"))
     assert top1 == 0.0
 
 
@@ -201,6 +201,9 @@ def test_atomic_open_replaces_or_keeps(tmp_path):
             1 / 0
     assert path.read_text() == 'old'
     assert os.listdir(tmp_path) == ['f.txt']  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
 
 
 def test_load_checkpoint_refuses_what_it_cannot_use(tmp_path):

@@ -1,0 +1,134 @@
+"""Pictures of a run: the training curves of a CSV log, and nearest-neighbour panels.
+
+    python plot.py results/<name>_statistics.csv [more.csv ...]
+
+writes <name>_statistics.png beside each CSV. A pretraining log (also one of the seed repository, with
+only epoch, train_loss, test_acc@1, test_acc@5) and a linear-evaluation log are told apart by their columns.
+"""
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import utils  # noqa: E402
+
+FIGSIZE = (12, 7.5)  # inches
+DPI = 100  # so a curve figure is 1200 x 750 pixels
+NEIGHBOURS = 8  # query images and neighbours per query in the neighbour panel
+
+
+def _save(fig, path):
+    with utils.atomic_open(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=DPI)
+    plt.close(fig)
+
+
+def _panel(ax, df, columns, title, ylabel=None):
+    drawn = False
+    for column, label in columns:
+        if column in df and df[column].notna().any():
+            rows = df[df[column].notna()]
+            ax.plot(rows['epoch'], rows[column], marker='.' if len(rows) < 50 else None, label=label)
+            drawn = True
+    ax.set_title(title)
+    ax.set_xlabel('epoch')
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc='best', fontsize='small')
+    else:
+        ax.text(0.5, 0.5, 'not in this log', ha='center', va='center', transform=ax.transAxes, color='grey')
+
+
+def plot_pretrain(df, path, title=''):
+    """Train loss, kNN accuracy, z_std_ratio and lr against epoch."""
+    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE)
+    _panel(axes[0, 0], df, [('train_loss', 'train loss')], 'SimSiam loss (minimum -1)')
+    _panel(axes[0, 1], df, [('test_acc@1', 'top-1'), ('test_acc@5', 'top-5')], 'kNN monitor accuracy', '%')
+    _panel(axes[1, 0], df, [('z_std_ratio', 'std(z/|z|) x sqrt(d)')], 'collapse monitor (1 healthy, 0 collapsed)')
+    if 'z_std_ratio' in df:
+        axes[1, 0].axhline(utils.COLLAPSE_THRESHOLD, color='red', lw=0.8, ls='--', label='warning threshold')
+        axes[1, 0].set_ylim(bottom=0)
+        axes[1, 0].legend(loc='best', fontsize='small')
+    _panel(axes[1, 1], df, [('lr', 'encoder lr')], 'learning rate')
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_linear(df, path, title=''):
+    """Train and test loss and accuracy of a linear evaluation against epoch."""
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0], FIGSIZE[1] / 1.5))
+    _panel(axes[0], df, [('train_loss', 'train'), ('test_loss', 'test')], 'cross-entropy loss')
+    _panel(axes[1], df, [('train_acc@1', 'train top-1'), ('test_acc@1', 'test top-1'),
+                         ('test_acc@5', 'test top-5')], 'linear classifier accuracy', '%')
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_csv(csv_path, png_path=None):
+    """Redraw the plot of a pretraining or linear-evaluation CSV; returns the PNG path."""
+    try:
+        df = pd.read_csv(csv_path)
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f'cannot read {csv_path!r} as a CSV log ({e})') from None
+    if 'epoch' not in df or 'train_loss' not in df:
+        raise utils.UserError(f'{csv_path!r} has no epoch and train_loss columns: not a log of these scripts')
+    png_path = png_path or os.path.splitext(csv_path)[0] + '.png'
+    title = os.path.basename(os.path.splitext(csv_path)[0])
+    (plot_linear if 'train_acc@1' in df else plot_pretrain)(df, png_path, title)
+    return png_path
+
+
+def plot_neighbours(queries, neighbours, query_labels, neighbour_labels, similarity, classes, path):
+    """A grid: each row a test image and its nearest training images, with class names and similarity.
+
+    queries (Q, 3, H, W) and neighbours (Q, K, 3, H, W) uint8, labels (Q,) and (Q, K), similarity (Q, K).
+    Drawn as one mosaic image (one axes, not Q x (K + 1)), which keeps it quick.
+    """
+    q, k, _, h, w = neighbours.shape
+    pad, band, gap = 4, 12, 10  # mosaic pixels: between tiles, above each tile for its label, after the query
+    tile_w, tile_h = w + pad, h + band
+    mosaic = np.full((q * tile_h, (k + 1) * tile_w + gap, 3), 255, dtype=np.uint8)
+    fig = plt.figure(figsize=(11.7, 11.6))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.94))
+    for i in range(q):
+        for j in range(k + 1):
+            x0, y0 = j * tile_w + (gap if j else 0), i * tile_h + band
+            image = queries[i] if j == 0 else neighbours[i, j - 1]
+            mosaic[y0:y0 + h, x0:x0 + w] = image.permute(1, 2, 0).numpy()
+            if j == 0:
+                label, colour = f'test: {classes[query_labels[i]]}', 'black'
+            else:
+                label = f'{classes[neighbour_labels[i, j - 1]]} {similarity[i, j - 1]:.2f}'
+                colour = 'green' if neighbour_labels[i, j - 1] == query_labels[i] else 'red'
+            ax.text(x0 + w / 2, y0 - 1.5, label, ha='center', va='bottom', fontsize=7, color=colour)
+    ax.imshow(mosaic, interpolation='nearest')
+    ax.set_axis_off()
+    fig.suptitle('test images (left) and their nearest training images under the kNN monitor\'s features '
+                 '(cosine similarity; green: same class)', fontsize=9)
+    _save(fig, path)
+
+
+def main(paths):
+    if not paths:
+        raise utils.UserError('give one or more CSV logs, e.g. python plot.py results/<name>_statistics.csv')
+    for path in paths:
+        if not os.path.isfile(path):
+            raise utils.UserError(f'{path!r} does not exist')
+        print(f'{path} -> {plot_csv(path)}')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except utils.UserError as e:
+        print(f'plot.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
