@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 import plot
 import utils
 from model import cifar_resnet
@@ -35,8 +36,9 @@ def parse_args(argv=None):
     p.add_argument('--results_dir', default='results', help='where the CSV and the model go')
     p.add_argument('--name', default=None,
                    help='output file prefix (default: <name> of the <name>_model.pth given)')
-    p.add_argument('--num_workers', type=utils.non_negative_int, default=utils.available_cpus(),
-                   help='DataLoader worker processes (default: the CPUs this process may use)')
+    p.add_argument('--num_workers', type=utils.non_negative_int, default=None,
+                   help='DataLoader worker processes of the pil path (default: the CPUs this process may '
+                        'use, shared among the processes torchrun starts on this node)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
     utils.add_speed_flags(p)
@@ -76,12 +78,13 @@ def accuracy_counts(logits, labels):
     return utils.topk_correct(ranked, labels)
 
 
-def run_epoch(features, head, batches, optimizer, epoch):
+def run_epoch(features, head, batches, optimizer, epoch, world=distributed.SINGLE, bar=None):
     """Train (optimizer given) or test the head on batches of ([x], y), features(x) being the frozen
-    backbone's output; returns the loss and acc@1, acc@5 in %."""
+    backbone's output; returns the loss and acc@1, acc@5 in %. Under torchrun the loss checked at each
+    step is the mean over processes and the returned numbers are those of all processes' batches."""
     training = optimizer is not None
     head.train(training)
-    total_loss, total_top1, total_top5, total = 0.0, 0, 0, 0
+    totals = torch.zeros(4, dtype=torch.float64)  # loss x images, top-1 hits, top-5 hits, images
     for step, ((x,), y) in enumerate(batches, 1):
         with torch.no_grad():
             feature = features(x).float()
@@ -92,23 +95,26 @@ def run_epoch(features, head, batches, optimizer, epoch):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        top1, top5 = accuracy_counts(logits.detach(), y)
-        value = loss.item()
+        value = (distributed.all_sum(loss.detach(), world) / world.world_size).item()
         if not math.isfinite(value):
             raise utils.NonFiniteLoss(epoch, step, value)
-        total += len(y)
-        total_loss += value * len(y)
-        total_top1 += top1
-        total_top5 += top5
-        if isinstance(batches, tqdm):
-            batches.set_postfix(loss=f'{total_loss / total:.4f}', acc1=f'{100 * total_top1 / total:.2f}')
-    return total_loss / total, 100.0 * total_top1 / total, 100.0 * total_top5 / total
+        top1, top5 = accuracy_counts(logits.detach(), y)
+        totals += torch.tensor([loss.item() * len(y), top1, top5, len(y)], dtype=torch.float64)
+        if bar is not None:
+            bar.set_postfix(loss=f'{totals[0] / totals[3]:.4f}', acc1=f'{100 * totals[1] / totals[3]:.2f}')
+    loss_sum, top1, top5, total = distributed.all_sum(totals.to(head_device(head)), world).tolist()
+    return loss_sum / total, 100.0 * top1 / total, 100.0 * top5 / total
 
 
-def test_batches(data, batch_size, device):
-    for start in range(0, len(data), batch_size):
-        images = data.images[start:start + batch_size].to(device, non_blocking=True)
-        yield [utils.normalize(images)], data.labels[start:start + batch_size].to(device, non_blocking=True)
+def head_device(head):
+    return next(head.parameters()).device
+
+
+def test_batches(data, batch_size, device, world=distributed.SINGLE):
+    """This process's chunks of the test set (all of it in one process), under the test transform."""
+    for start, stop in distributed.shard_chunks(len(data), batch_size, world):
+        images = data.images[start:stop].to(device, non_blocking=True)
+        yield [utils.normalize(images)], data.labels[start:stop].to(device, non_blocking=True)
 
 
 def snapshot(module):
@@ -140,29 +146,48 @@ def save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, classe
 
 
 def main(args):
-    print('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
-    device = utils.resolve_device(args.device)
+    with utils.processes(args.device, os.environ) as (world, device):
+        evaluate(args, world, device)
+
+
+def load_run(args, paths):
+    """The pretrained checkpoint, the results folder checked and the saved state to continue from (or
+    None): decided by rank 0."""
     ckpt = utils.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')
+    load_backbone(ckpt, args.model_path)  # refuse a checkpoint that does not fit before anything else
     utils.check_writable(args.results_dir)
-    name = args.name or output_name(args.model_path)
-    paths = {key: os.path.join(args.results_dir, f'{name}_linear_{suffix}') for key, suffix in
-             (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'),
-              ('plot', 'statistics.png'), ('record', 'args.json'))}
     state = utils.find_state(args.resume, paths['state'], 'simsiam_linear_state', 'linear.py')
     if state is not None:
         changed = utils.run_differences(state['args'], vars(args), HARMLESS)
         if changed:
             raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
+    return ckpt, state
+
+
+def load_data(dataset, data_root):
+    train = utils.load_dataset(dataset, data_root, train=True)
+    return train, utils.load_dataset(dataset, data_root, train=False, classes=train.classes)
+
+
+def evaluate(args, world, device):
+    log = utils.printer(world)
+    log('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
+    utils.check_divisible(args.batch_size, world)
+    name = args.name or output_name(args.model_path)
+    paths = {key: os.path.join(args.results_dir, f'{name}_linear_{suffix}') for key, suffix in
+             (('csv', 'statistics.csv'), ('model', 'model.pth'), ('state', 'state.pth'),
+              ('plot', 'statistics.png'), ('record', 'args.json'))}
+    ckpt, state = utils.on_main(lambda: load_run(args, paths), world)
     backbone, dim = load_backbone(ckpt, args.model_path)
     dataset = args.dataset or ckpt['args']['dataset']
     data_root = args.data_root or ckpt['args']['data_root']
-    train = utils.load_dataset(dataset, data_root, train=True)
-    test = utils.load_dataset(dataset, data_root, train=False, classes=train.classes)
+    train, test = utils.on_main(lambda: load_data(dataset, data_root), world)
     if args.batch_size > len(train):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the training set '
-                        f'({len(train)} images): no step would run')
-    print(f'model: {ckpt["model_args"]["arch"]} from {args.model_path} (epoch {ckpt["epoch"]}); data: '
-          f'{dataset}, {len(train)} train / {len(test)} test images; device: {device}', flush=True)
+        raise utils.JobError(f'--batch_size {args.batch_size} is larger than the training set '
+                             f'({len(train)} images): no step would run')
+    log(f'model: {ckpt["model_args"]["arch"]} from {args.model_path} (epoch {ckpt["epoch"]}); data: '
+        f'{dataset}, {len(train)} train / {len(test)} test images; device: {device}' +
+        (f' ({world.world_size} processes)' if world.distributed else ''), flush=True)
 
     torch.manual_seed(args.seed)
     backbone = backbone.to(device).eval()
@@ -170,7 +195,7 @@ def main(args):
     head = torch.nn.Linear(dim, len(train.classes)).to(device)
     head.weight.data.normal_(mean=0.0, std=0.01)
     head.bias.data.zero_()
-    init_lr = args.lr * args.batch_size / 256
+    init_lr = args.lr * args.batch_size / 256  # batch_size is the global batch
     optimizer = torch.optim.SGD(head.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=0.0)
     rows, done = [], 0
     if state is not None:
@@ -178,21 +203,26 @@ def main(args):
             head.load_state_dict(state['head'])
             optimizer.load_state_dict(state['optimizer'])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f'--resume: the saved state does not fit this head ({str(e).splitlines()[0]})') \
-                from None
+            raise utils.JobError(f'--resume: the saved state does not fit this head '
+                                 f'({str(e).splitlines()[0]})') from None
         utils.set_rng_state(state['rng'])
         rows, done = list(state['rows']), state['epoch']
-        print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
-              f'the run is already complete ({done} epochs)', flush=True)
+        log(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
+            f'the run is already complete ({done} epochs)', flush=True)
     frozen = snapshot(backbone)
     speed = utils.resolve_speed(args, device)
-    print(f'speed: {speed}', flush=True)
-    utils.write_json(utils.run_record(args, device, {
-        'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
-        'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
-        'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
-    source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device, args.num_workers)
+    log(f'speed: {speed}', flush=True)
+    if world.main:
+        utils.write_json(utils.run_record(args, device, {
+            'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
+            'world_size': world.world_size,
+            'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
+            'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
+    source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device,
+                              utils.worker_count(args.num_workers, world),
+                              world.rank, world.world_size)
     features = speed.wrap(speed.prepare(backbone).eval())  # eval mode: BN statistics never change
+    trained = distributed.data_parallel(head, world, device)  # gradients averaged over processes
     first_epoch = done + 1
     saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
     with utils.interruptible(saved):
@@ -204,13 +234,14 @@ def main(args):
             start = time.perf_counter()
             try:
                 with tqdm(batches, total=steps, desc=f'Linear Epoch [{epoch}/{args.epochs}]',
-                          dynamic_ncols=True) as bar:
-                    train_loss, train_top1, train_top5 = run_epoch(features, head, bar, optimizer, epoch)
+                          dynamic_ncols=True, disable=not world.main) as bar:
+                    train_loss, train_top1, train_top5 = run_epoch(features, trained, bar, optimizer, epoch,
+                                                                   world, bar)
                 test_loss, test_top1, test_top5 = run_epoch(
-                    features, head, test_batches(test, args.batch_size, device), None, epoch)
+                    features, head, test_batches(test, args.batch_size, device, world), None, epoch, world)
             except utils.NonFiniteLoss as e:
                 kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
-                raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+                raise utils.JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
             if epoch == first_epoch:
                 changed = changed_entries(backbone, frozen)
                 if changed:
@@ -218,16 +249,21 @@ def main(args):
             rows.append({'epoch': epoch, 'train_loss': train_loss, 'train_acc@1': train_top1,
                          'train_acc@5': train_top5, 'test_loss': test_loss, 'test_acc@1': test_top1,
                          'test_acc@5': test_top5, 'lr': lr, 'epoch_time': time.perf_counter() - start})
-            save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, train.classes)
-            plot.plot_linear(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], f'{name} linear evaluation')
-            done = epoch
-            print(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
-                  f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
-                  f'({rows[-1]["epoch_time"]:.1f} s)', flush=True)
+            with utils.signals_deferred():  # a signal now is taken once the epoch is saved and counted
+                if world.main:
+                    save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, train.classes)
+                done = epoch
+            if world.main:
+                plot.plot_linear(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], f'{name} linear evaluation')
+            log(f'epoch {epoch}/{args.epochs}: train loss {train_loss:.4f} acc@1 {train_top1:.2f}% | '
+                f'test loss {test_loss:.4f} acc@1 {test_top1:.2f}% acc@5 {test_top5:.2f}% '
+                f'({rows[-1]["epoch_time"]:.1f} s)', flush=True)
+    if not world.main:
+        return
     best = max(rows, key=lambda r: r['test_acc@1'])
     files = ', '.join(f'{key} {path}' for key, path in paths.items() if os.path.exists(path))
-    print(f'done: {files}; test acc@1 last {rows[-1]["test_acc@1"]:.2f}% (epoch {rows[-1]["epoch"]}), '
-          f'best {best["test_acc@1"]:.2f}% (epoch {best["epoch"]})', flush=True)
+    log(f'done: {files}; test acc@1 last {rows[-1]["test_acc@1"]:.2f}% (epoch {rows[-1]["epoch"]}), '
+        f'best {best["test_acc@1"]:.2f}% (epoch {best["epoch"]})', flush=True)
 
 
 if __name__ == '__main__':

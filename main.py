@@ -14,6 +14,7 @@ import thop
 import torch
 from tqdm import tqdm
 
+import distributed
 import plot
 import utils
 from model import ARCHS, SimSiam, simsiam_loss
@@ -49,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument('--results_dir', default='results', help='where the CSV and checkpoints go')
     p.add_argument('--name', default=None,
                    help='run name used in output file names (default: built from the settings)')
-    p.add_argument('--num_workers', type=utils.non_negative_int, default=utils.available_cpus(),
-                   help='DataLoader worker processes (default: the CPUs this process may use)')
+    p.add_argument('--num_workers', type=utils.non_negative_int, default=None,
+                   help='DataLoader worker processes of the pil path (default: the CPUs this process may '
+                        'use, shared among the processes torchrun starts on this node)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
     utils.add_speed_flags(p)
@@ -93,16 +95,19 @@ def set_lr(optimizer, lr, init_lr):
         group['lr'] = init_lr if group['fix_lr'] else lr
 
 
-def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, check_every=10, progress=True):
+def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=distributed.SINGLE,
+                check_every=10, progress=True):
     """One pass of stop-gradient training over `steps` batches of ([x1, x2], labels).
 
-    Returns the mean loss and the mean z_std (utils.z_std of both views) over the epoch's steps. The
-    forward runs under the autocast `speed` asks for; the loss is float32 whatever it is. Both stay on
-    the device and the loss is checked for non-finite values every `check_every` steps (a host sync per
-    step would stall a GPU); the first bad step is named exactly.
+    Returns the mean loss and the mean z_std (of both views) over the epoch's steps. The forward runs under
+    the autocast `speed` asks for; the loss is float32 whatever it is. Under torchrun each process holds
+    its slice of every global batch: the loss of a step is the mean over processes and z_std is that of
+    the global batch (from summed utils.z_moments). Losses and moments stay on the device and are summed
+    over processes and checked for non-finite values every `check_every` steps (a host sync per step would
+    stall a GPU); the first bad step is named exactly, on every process alike.
     """
     model.train()
-    losses, stds, checked = [], [], 0
+    losses, stds, pending = [], [], []
     with tqdm(batches, total=steps, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True,
               disable=not progress) as bar:
         for step, ((x1, x2), _) in enumerate(bar, 1):
@@ -112,17 +117,21 @@ def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, check_ev
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.detach())
-            stds.append((utils.z_std(z1) + utils.z_std(z2)) / 2)
+            pending.append(torch.cat([loss.detach().double().view(1),
+                                      utils.z_moments(z1).flatten(), utils.z_moments(z2).flatten()]))
             if step % check_every == 0 or step == steps:
-                recent = torch.stack(losses[checked:]).cpu()
+                block = distributed.all_sum(torch.stack(pending), world)  # S x (1 + 2 views x 2 x D)
+                recent = (block[:, 0] / world.world_size).cpu()
                 bad = (~recent.isfinite()).nonzero()
                 if len(bad):
                     first = int(bad[0])
-                    raise utils.NonFiniteLoss(epoch, checked + first + 1, recent[first].item())
-                checked = len(losses)
-                bar.set_postfix(loss=f'{torch.stack(losses).mean().item():.4f}')
-    return torch.stack(losses).mean().item(), torch.stack(stds).mean().item()
+                    raise utils.NonFiniteLoss(epoch, step - len(pending) + first + 1, recent[first].item())
+                moments = block[:, 1:].view(len(pending), 2, 2, -1)
+                stds.append(utils.z_std_from_moments(moments, len(x1) * world.world_size).mean(dim=1))
+                losses.append(recent)
+                pending = []
+                bar.set_postfix(loss=f'{torch.cat(losses).mean().item():.4f}')
+    return torch.cat(losses).mean().item(), torch.cat(stds).mean().item()
 
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
@@ -167,35 +176,56 @@ def save_epoch(paths, rows, model, optimizer, epoch, args, classes):
 
 
 def main(args):
-    print('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
-    device = utils.resolve_device(args.device)
+    with utils.processes(args.device, os.environ) as (world, device):
+        pretrain(args, world, device)
+
+
+def load_run(args, paths):
+    """The results folder checked, and the saved state to continue from (or None): decided by rank 0."""
     utils.check_writable(args.results_dir)
-    name = run_name(args)
-    paths = output_paths(args.results_dir, name)
     state = utils.find_state(args.resume, paths['state'], 'simsiam_state', 'main.py')
     if state is not None:
         changed = utils.run_differences(state['args'], vars(args), HARMLESS)
         if changed:
             raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
+    return state
+
+
+def load_data(args):
     train = utils.load_dataset(args.dataset, args.data_root, train=True)
-    test = utils.load_dataset(args.dataset, args.data_root, train=False, classes=train.classes)
+    return train, utils.load_dataset(args.dataset, args.data_root, train=False, classes=train.classes)
+
+
+def pretrain(args, world, device):
+    log = utils.printer(world)
+    log('arguments:', json.dumps(vars(args), sort_keys=True), flush=True)
+    utils.check_divisible(args.batch_size, world)
+    name = run_name(args)
+    paths = output_paths(args.results_dir, name)
+    state = utils.on_main(lambda: load_run(args, paths), world)
+    train, test = utils.on_main(lambda: load_data(args), world)
     if args.batch_size > len(train):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the training set '
-                        f'({len(train)} images): no step would run')
+        raise utils.JobError(f'--batch_size {args.batch_size} is larger than the training set '
+                             f'({len(train)} images): no step would run')
     k = min(args.k, len(train))
     if k < args.k:
-        print(f'warning: --k {args.k} is larger than the kNN bank ({len(train)} images); using k={k}',
-              file=sys.stderr)
-    print(f'data: {args.dataset}, {len(train)} train / {len(test)} test images, '
-          f'{len(train.classes)} classes; device: {device}', flush=True)
+        log(f'warning: --k {args.k} is larger than the kNN bank ({len(train)} images); using k={k}',
+            file=sys.stderr)
+    log(f'data: {args.dataset}, {len(train)} train / {len(test)} test images, '
+        f'{len(train.classes)} classes; device: {device}' +
+        (f' ({world.world_size} processes, {args.batch_size // world.world_size} images each per step)'
+         if world.distributed else ''), flush=True)
 
     torch.manual_seed(args.seed)
     model = SimSiam(args.arch, args.feature_dim, args.pred_dim, args.proj_hidden_dim).to(device)
-    counts = count_model(model, device)
-    print(f'params: backbone {counts["backbone_params_M"]:.2f} M, backbone + linear head '
-          f'{counts["linear_params_M"]:.2f} M, SimSiam {counts["simsiam_params_M"]:.2f} M; '
-          f'FLOPs {counts["flops_G"]:.2f} G per image (thop)', flush=True)
-    init_lr = args.lr * args.batch_size / 256
+    if world.main:
+        counts = count_model(model, device)
+        log(f'params: backbone {counts["backbone_params_M"]:.2f} M, backbone + linear head '
+            f'{counts["linear_params_M"]:.2f} M, SimSiam {counts["simsiam_params_M"]:.2f} M; '
+            f'FLOPs {counts["flops_G"]:.2f} G per image (thop)', flush=True)
+    if world.distributed:
+        model = distributed.sync_batchnorm(model, device)  # BN statistics of the global batch, per view
+    init_lr = args.lr * args.batch_size / 256  # batch_size is the global batch
     optimizer = build_optimizer(model, init_lr, args.momentum, args.wd, args.fix_pred_lr)
     rows, done = [], 0
     if state is not None:
@@ -203,20 +233,24 @@ def main(args):
             model.load_state_dict(state['model'])
             optimizer.load_state_dict(state['optimizer'])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f'--resume: the saved state does not fit this model ({str(e).splitlines()[0]})') \
-                from None
+            raise utils.JobError(f'--resume: the saved state does not fit this model '
+                                 f'({str(e).splitlines()[0]})') from None
         utils.set_rng_state(state['rng'])
         rows, done = list(state['rows']), state['epoch']
-        print(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
-              f'the run is already complete ({done} epochs)', flush=True)
+        log(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
+            f'the run is already complete ({done} epochs)', flush=True)
 
     speed = utils.resolve_speed(args, device)
-    print(f'speed: {speed}', flush=True)
-    utils.write_json(utils.run_record(args, device, {
-        'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
-        'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
-    source = utils.ViewSource(train, 'pretrain', speed.aug, args.seed, device, args.num_workers)
-    net = speed.prepare(model)
+    log(f'speed: {speed}', flush=True)
+    if world.main:
+        utils.write_json(utils.run_record(args, device, {
+            'name': name, 'lr_resolved': init_lr, 'speed': str(speed), 'resumed_after_epoch': done,
+            'world_size': world.world_size, 'train_images': len(train), 'test_images': len(test),
+            'classes': train.classes}), paths['record'])
+    source = utils.ViewSource(train, 'pretrain', speed.aug, args.seed, device,
+                              utils.worker_count(args.num_workers, world),
+                              world.rank, world.world_size)
+    net = speed.prepare(model, lambda m: distributed.data_parallel(m, world, device))
     knn_fn = speed.wrap(model.backbone if args.knn_feature == 'backbone' else model.encode)
     features = None
     saved = lambda: (f'epochs 1-{done} are saved in {paths["state"]}' if done else 'no epoch had completed')
@@ -227,40 +261,46 @@ def main(args):
             batches, steps = source.epoch(epoch, args.batch_size)
             start = time.perf_counter()
             try:
-                train_loss, z_std = train_epoch(net, batches, steps, optimizer, epoch, args.epochs, speed)
+                train_loss, z_std = train_epoch(net, batches, steps, optimizer, epoch, args.epochs, speed, world,
+                                                progress=world.main)
             except utils.NonFiniteLoss as e:
                 kept = f'the state of epoch {done} is kept in {paths["state"]}' if done else 'nothing was saved'
-                raise UserError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+                raise utils.JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
             train_time = time.perf_counter() - start
             row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None,
                    'z_std': z_std, 'z_std_ratio': z_std * math.sqrt(args.feature_dim), 'lr': lr}
             if epoch % args.knn_every == 0 or epoch == args.epochs:
                 model.eval()
                 row['test_acc@1'], row['test_acc@5'], *features = utils.knn_monitor(
-                    knn_fn, train, test, k, args.knn_t, args.batch_size, device)
+                    knn_fn, train, test, k, args.knn_t, args.batch_size, device, world)
             epoch_time = time.perf_counter() - start
             row.update(train_time=train_time, knn_time=epoch_time - train_time, epoch_time=epoch_time,
                        images_per_s=steps * args.batch_size / train_time)
             if row['z_std_ratio'] < utils.COLLAPSE_THRESHOLD and \
                     all(r['z_std_ratio'] >= utils.COLLAPSE_THRESHOLD for r in rows if 'z_std_ratio' in r):
-                print(f'warning: epoch {epoch}: z_std_ratio {row["z_std_ratio"]:.3f} is under '
-                      f'{utils.COLLAPSE_THRESHOLD}: the representation may be collapsing (see README)',
-                      file=sys.stderr, flush=True)
+                log(f'warning: epoch {epoch}: z_std_ratio {row["z_std_ratio"]:.3f} is under '
+                    f'{utils.COLLAPSE_THRESHOLD}: the representation may be collapsing (see README)',
+                    file=sys.stderr, flush=True)
             rows.append(row)
-            save_epoch(paths, rows, model, optimizer, epoch, args, train.classes)
-            plot.plot_pretrain(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], name)
-            done = epoch
+            with utils.signals_deferred():  # a signal now is taken once the epoch is saved and counted
+                if world.main:
+                    save_epoch(paths, rows, model, optimizer, epoch, args, train.classes)
+                done = epoch
+            if world.main:
+                plot.plot_pretrain(pd.DataFrame(rows, columns=COLUMNS), paths['plot'], name)
             acc = '' if row['test_acc@1'] is None else \
                 f' kNN acc@1 {row["test_acc@1"]:.2f}% acc@5 {row["test_acc@5"]:.2f}%'
-            print(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} z_std_ratio '
-                  f'{row["z_std_ratio"]:.3f} ({train_time:.1f} s train, {epoch_time - train_time:.1f} s kNN)',
-                  flush=True)
+            log(f'epoch {epoch}/{args.epochs}: loss {train_loss:.4f}{acc} z_std_ratio '
+                f'{row["z_std_ratio"]:.3f} ({train_time:.1f} s train, {epoch_time - train_time:.1f} s kNN)',
+                flush=True)
+    if not world.main:
+        return
     if features:
         draw_neighbours(train, test, *features, paths['neighbours'])
     last = rows[-1]
     files = ', '.join(f'{key} {path}' for key, path in paths.items() if os.path.exists(path))
-    print(f'done: {files}; epoch {last["epoch"]} kNN acc@1 {last["test_acc@1"]:.2f}% '
-          f'acc@5 {last["test_acc@5"]:.2f}%', flush=True)
+    log(f'done: {files}; epoch {last["epoch"]} kNN acc@1 {last["test_acc@1"]:.2f}% '
+        f'acc@5 {last["test_acc@5"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':

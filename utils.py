@@ -16,7 +16,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 import augment
+import distributed
 from augment import IMAGE_SIZE, MEAN, STD, normalize
+from distributed import SINGLE
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
 AUGMENTATIONS = ('batched', 'pil')
@@ -25,6 +27,35 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.t
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a file, the data): reported as one line, no traceback."""
+
+
+class JobError(UserError):
+    """A UserError that every process of a torchrun job meets alike: rank 0 reports it for the job, the
+    others exit quietly."""
+
+
+def on_main(fn, world):
+    """fn() computed by rank 0 alone and handed to every process (a UserError it raises, too).
+
+    For what must be decided once for the whole job: reading a checkpoint or the data, the results folder.
+    """
+    if not world.distributed:
+        return fn()
+    outcome = None
+    if world.main:
+        try:
+            outcome = ('ok', fn())
+        except UserError as e:
+            outcome = ('error', str(e))
+    status, value = distributed.broadcast(outcome, world)
+    if status == 'error':
+        raise JobError(value)
+    return value
+
+
+def printer(world):
+    """print on rank 0; nothing on the other processes of a torchrun job."""
+    return print if world.main else (lambda *args, **kwargs: None)
 
 
 class NonFiniteLoss(Exception):
@@ -80,7 +111,14 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
-def resume_command(argv):
+def worker_count(num_workers, world):
+    """--num_workers, or by default the CPUs this process may use shared among this node's processes."""
+    if num_workers is not None:
+        return num_workers
+    return max(1, available_cpus() // world.local_world_size)
+
+
+def resume_command(argv, world=SINGLE):
     """The command line that continues an interrupted run: the same one with --resume auto."""
     argv = list(argv)
     for i, arg in enumerate(argv):
@@ -92,29 +130,58 @@ def resume_command(argv):
             break
     else:
         argv += ['--resume', 'auto']
-    return shlex.join(['python'] + argv)
+    if not world.distributed:
+        return shlex.join(['python'] + argv)
+    if world.world_size == world.local_world_size:
+        return shlex.join(['torchrun', f'--nproc_per_node={world.world_size}'] + argv)
+    return 'torchrun <the same launcher flags> ' + shlex.join(argv)
 
 
 def cli(main, parse_args):
     """Run a script as a command: a UserError becomes one line on stderr and exit status 2; SIGINT or
-    SIGTERM ends the run with one line saying how to resume and status 128 + signal number."""
+    SIGTERM ends the run with one line saying how to resume and status 128 + signal number. Under torchrun
+    the lines name the rank, and what every rank meets alike is said by rank 0 alone."""
     args = parse_args()
     prog = os.path.basename(sys.argv[0])
     try:
+        world = distributed.world_from_env(os.environ)
+    except ValueError:
+        world = SINGLE  # main() reports it
+    where = f' (rank {world.rank} of {world.world_size})' if world.distributed else ''
+    try:
         with signals_raise():
             main(args)
+    except JobError as e:
+        if world.main:
+            print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
     except UserError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
+        print(f'{prog}{where}: error: {e}', file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv)}',
-              file=sys.stderr)
+        if world.main:
+            print(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv, world)}',
+                  file=sys.stderr)
         return 128 + e.signum
     except _Signal as e:
-        print(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
-              file=sys.stderr)
+        if world.main:
+            print(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
+                  file=sys.stderr)
         return 128 + e.signum
+    except RuntimeError as e:  # torch.distributed.DistError and Gloo's connection errors derive from it
+        if not (world.distributed and _lost_peer(e)):
+            raise
+        print(f'{prog}{where}: error: lost contact with another process of the job, which has probably '
+              f'failed (its own message says why): {str(e).splitlines()[0][:200]}', file=sys.stderr)
+        return 1
     return 0
+
+
+def _lost_peer(error):
+    text = str(error).lower()
+    return isinstance(error, torch.distributed.DistError) or any(
+        word in text for word in ('connection closed', 'connection reset', 'broken pipe', 'timed out', 'gloo',
+                                  'nccl'))
 
 
 class _Signal(BaseException):
@@ -140,16 +207,27 @@ def signals_raise():
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM back while the block runs (so a set of files is written as a whole)."""
-    if not hasattr(signal, 'pthread_sigmask'):
-        yield
-        return
-    signals = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    """Hold SIGINT and SIGTERM back while the block runs (so a set of files is written as a whole), then
+    act on the first one that came as the handler before the block would have.
+
+    The handlers, not the signal mask, do the holding: a process-wide signal may be delivered to any
+    thread (Gloo's, the DataLoader's), and Python runs its handler in the main thread all the same, even
+    inside a file write that torch.save makes.
+    """
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        handler = previous[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), held[0])
 
 
 def ignore_signals_in_worker(worker_id):
@@ -196,10 +274,12 @@ class Speed:
     def layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def prepare(self, model):
-        """The module to train: the same parameters, in the chosen layout, compiled if asked."""
+    def prepare(self, model, parallel=lambda m: m):
+        """The module to train: the same parameters, in the chosen layout, wrapped by `parallel` (for
+        DistributedDataParallel), compiled if asked."""
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        model = parallel(model)
         return torch.compile(model) if self.compile else model
 
     def wrap(self, fn):
@@ -240,6 +320,40 @@ def resolve_device(name):
     elif device.type != 'cpu':
         raise UserError(f'--device {name!r} is not supported; use auto, cpu, cuda or cuda:N')
     return device
+
+
+@contextlib.contextmanager
+def processes(device_flag, environ):
+    """(world, device) of this process for the duration of the block.
+
+    Without torchrun: (SINGLE, the --device). Under torchrun (WORLD_SIZE etc. in `environ`): joins the
+    process group (NCCL on CUDA, Gloo on CPU) and, on CUDA, uses the GPU of this process's LOCAL_RANK.
+    """
+    try:
+        world = distributed.world_from_env(environ)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    device = resolve_device(device_flag)
+    if world.distributed and device.type == 'cuda':
+        if device.index is not None:
+            raise UserError(f'--device {device_flag}: under torchrun each process uses the GPU of its '
+                            f'LOCAL_RANK; use --device cuda or auto')
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f'LOCAL_RANK {world.local_rank}, but this machine has {torch.cuda.device_count()} '
+                            f'CUDA device(s): start at most that many processes per node')
+        device = torch.device('cuda', world.local_rank)
+    distributed.init(world, device)
+    try:
+        yield world, device
+    finally:
+        distributed.close(world)
+
+
+def check_divisible(batch_size, world):
+    """--batch_size is the global batch: each of the W processes takes batch_size / W per step."""
+    if batch_size % world.world_size:
+        raise JobError(f'--batch_size {batch_size} does not split evenly over {world.world_size} processes; '
+                       f'use a multiple of {world.world_size}')
 
 
 def derive_seed(*parts):
@@ -491,13 +605,16 @@ def knn_predict(feature, feature_bank, feature_labels, classes, k, t, chunk_size
 
 
 @torch.no_grad()
-def embed(fn, images, batch_size, device, mean=MEAN, std=STD):
-    """L2-normalised float32 features (N, D) of uint8 images under the test transform."""
+def embed(fn, images, batch_size, device, ranges=None, mean=MEAN, std=STD):
+    """L2-normalised float32 features (N, D) of uint8 images under the test transform: of every image in
+    batches of batch_size, or of the rows [start, stop) of each of `ranges`, in order."""
+    if ranges is None:
+        ranges = [(s, min(s + batch_size, len(images))) for s in range(0, len(images), batch_size)]
     out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+    for start, stop in ranges:
+        x = normalize(images[start:stop].to(device, non_blocking=True), mean, std)
         out.append(F.normalize(fn(x).float(), dim=1))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, device=device)
 
 
 def topk_correct(ranked, labels, ks=(1, 5)):
@@ -506,17 +623,26 @@ def topk_correct(ranked, labels, ks=(1, 5)):
     return [hits[:, :min(k, ranked.size(1))].any(dim=1).sum().item() for k in ks]
 
 
-def knn_monitor(fn, bank, test, k, t, batch_size, device):
+def knn_monitor(fn, bank, test, k, t, batch_size, device, world=SINGLE):
     """kNN top-1 and top-5 accuracy (%) of the test set against a bank of training images, and the
     features (bank (N, D), test (M, D)) it compared.
 
     fn maps a normalised batch to features; the caller puts the model in eval mode. The bank uses the
-    test transform (one view), as do the queries.
+    test transform (one view), as do the queries. Under torchrun each process embeds its chunks of the
+    bank and of the queries (distributed.shard_chunks), the bank is gathered, each process classifies its
+    queries, and the hit counts are summed: the same numbers as one process computes.
     """
-    bank_features = embed(fn, bank.images, batch_size, device)
-    test_features = embed(fn, test.images, batch_size, device)
-    ranked = knn_predict(test_features, bank_features, bank.labels.to(device), len(bank.classes), k, t)
-    top1, top5 = topk_correct(ranked, test.labels.to(device))
+    bank_local = embed(fn, bank.images, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world))
+    bank_features = distributed.gather_chunks(bank_local, len(bank), batch_size, world)
+    ranges = distributed.shard_chunks(len(test), batch_size, world)
+    test_local = embed(fn, test.images, batch_size, device, ranges)
+    hits = [0, 0]
+    if ranges:
+        labels = torch.cat([test.labels[start:stop] for start, stop in ranges]).to(device)
+        ranked = knn_predict(test_local, bank_features, bank.labels.to(device), len(bank.classes), k, t)
+        hits = topk_correct(ranked, labels)
+    top1, top5 = distributed.all_sum(torch.tensor(hits, device=device), world).tolist()
+    test_features = distributed.gather_chunks(test_local, len(test), batch_size, world)
     return 100.0 * top1 / len(test), 100.0 * top5 / len(test), bank_features, test_features
 
 
@@ -533,10 +659,23 @@ def nearest(queries, bank, n):
 COLLAPSE_THRESHOLD = 0.2
 
 
+def z_moments(z):
+    """(2, D) float64: the sum and the sum of squares over the batch of z / ||z||_2, from which z_std of
+    one batch, or of a batch split over processes (sum the moments first), follows."""
+    zn = F.normalize(z.detach().float(), dim=1).double()
+    return torch.stack([zn.sum(dim=0), (zn * zn).sum(dim=0)])
+
+
+def z_std_from_moments(moments, n):
+    """z_std of n rows from their z_moments (..., 2, D): the unbiased per-channel std, averaged over channels."""
+    s1, s2 = moments[..., 0, :], moments[..., 1, :]
+    return ((s2 - s1 * s1 / n) / (n - 1)).clamp(min=0).sqrt().mean(dim=-1)
+
+
 def z_std(z):
     """Per-channel std over the batch of z / ||z||_2, averaged over channels (paper Sec. 4.1, Fig. 2):
     about 1/sqrt(d) for outputs spread over the unit sphere, 0 when every output is the same vector."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+    return z_std_from_moments(z_moments(z), len(z)).float()
 
 
 # ----------------------------------------------------------------------------- schedule

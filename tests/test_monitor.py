@@ -79,7 +79,8 @@ def test_redraw_from_csv_including_a_seed_style_log(run, tmp_path):
 
 
 def test_collapse_warning_is_given_once(folder_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(utils, 'z_std', lambda z: torch.tensor(0.001))  # as if every output were the same
+    # as if every output were (nearly) the same vector
+    monkeypatch.setattr(utils, 'z_std_from_moments', lambda m, n: torch.full(m.shape[:-2], 0.001, dtype=torch.float64))
     main.main(main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '2',
                                '--name', 'flat']))
     err = capsys.readouterr().err

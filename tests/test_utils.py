@@ -1,6 +1,8 @@
 import math
 import os
 import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +234,15 @@ def test_resolve_device():
         with pytest.raises(utils.UserError, match='CUDA is not available'):
             utils.resolve_device('cuda')
         assert utils.resolve_device('auto') == torch.device('cpu')
+
+
+def test_a_signal_during_a_deferred_block_is_taken_after_it():
+    finished = []
+    with pytest.raises(utils._Signal) as e:
+        with utils.signals_raise():
+            with utils.signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now; it only noted the signal
+                finished.append(True)
+    assert finished == [True] and e.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
