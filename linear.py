@@ -36,15 +36,7 @@ def parse_args(argv=None):
     p.add_argument('--results_dir', default='results', help='where the CSV and the model go')
     p.add_argument('--name', default=None,
                    help='output file prefix (default: <name> of the <name>_model.pth given)')
-    p.add_argument('--num_workers', type=utils.non_negative_int, default=None,
-                   help='DataLoader worker processes of the pil path (default: the CPUs this process may '
-                        'use, shared among the processes torchrun starts on this node)')
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    p.add_argument('--seed', type=utils.non_negative_int, default=0, help='random seed')
-    utils.add_speed_flags(p)
-    p.add_argument('--resume', default=None,
-                   help="continue from a training state: its path, or 'auto' for this evaluation's state "
-                        "in --results_dir if there is one")
+    utils.add_run_flags(p, "this evaluation's state")
     return p.parse_args(argv)
 
 
@@ -199,16 +191,7 @@ def evaluate(args, world, device):
     optimizer = torch.optim.SGD(head.parameters(), lr=init_lr, momentum=args.momentum, weight_decay=0.0)
     rows, done = [], 0
     if state is not None:
-        try:
-            head.load_state_dict(state['head'])
-            optimizer.load_state_dict(state['optimizer'])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise utils.JobError(f'--resume: the saved state does not fit this head '
-                                 f'({str(e).splitlines()[0]})') from None
-        utils.set_rng_state(state['rng'])
-        rows, done = list(state['rows']), state['epoch']
-        log(f'resuming after epoch {done} of {args.epochs}' if done < args.epochs else
-            f'the run is already complete ({done} epochs)', flush=True)
+        rows, done = utils.restore(state, {'head': head}, optimizer, 'head', args.epochs, log)
     frozen = snapshot(backbone)
     speed = utils.resolve_speed(args, device)
     log(f'speed: {speed}', flush=True)

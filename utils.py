@@ -245,6 +245,35 @@ def interruptible(saved):
         raise Interrupted(e.signum, saved()) from None
 
 
+def add_run_flags(p, state):
+    """The flags both scripts share: workers, device, seed, the speed settings and --resume."""
+    p.add_argument('--num_workers', type=non_negative_int, default=None,
+                   help='DataLoader worker processes of the pil path (default: the CPUs this process may '
+                        'use, shared among the processes torchrun starts on this node)')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    p.add_argument('--seed', type=non_negative_int, default=0, help='random seed')
+    add_speed_flags(p)
+    p.add_argument('--resume', default=None,
+                   help=f"continue from a training state: its path, or 'auto' for {state} in --results_dir "
+                        f"if there is one")
+
+
+def restore(state, modules, optimizer, what, epochs, log):
+    """Load a saved training state into `modules` ({key in the state: module}) and the optimizer and
+    restore the random-number states; returns (the CSV rows so far, the epochs done)."""
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state['optimizer'])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
+    set_rng_state(state['rng'])
+    rows, done = list(state['rows']), state['epoch']
+    log(f'resuming after epoch {done} of {epochs}' if done < epochs else
+        f'the run is already complete ({done} epochs)', flush=True)
+    return rows, done
+
+
 # ----------------------------------------------------------------------------- speed settings
 
 def add_speed_flags(p):
