@@ -61,8 +61,8 @@ def sample_crops(n, height, width, scale, ratio, generator, device):
         fw, fh = width, height
     w = torch.where(found, w, torch.full_like(w, fw))
     h = torch.where(found, h, torch.full_like(h, fh))
-    top = (torch.rand(n, generator=generator, device=device) * (height - h + 1)).long().clamp(max=height - h)
-    left = (torch.rand(n, generator=generator, device=device) * (width - w + 1)).long().clamp(max=width - w)
+    top = (uniform(n, 0, 1, generator, device) * (height - h + 1)).long().clamp(max=height - h)
+    left = (uniform(n, 0, 1, generator, device) * (width - w + 1)).long().clamp(max=width - w)
     top = torch.where(found, top, (height - h) // 2)
     left = torch.where(found, left, (width - w) // 2)
     return top, left, h, w
@@ -215,13 +215,18 @@ def to_float(images):
 
 # ----------------------------------------------------------------------------- the pipelines
 
+def _crop_and_flip(images, generator, config, size):
+    """RandomResizedCrop and RandomHorizontalFlip of a uint8 batch, in one resampling: float32 in [0, 1]."""
+    n, _, height, width = images.shape
+    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, images.device)
+    flip = bernoulli(n, config['flip_p'], generator, images.device)
+    return resized_crop(to_float(images), *box, size, flip=flip)
+
+
 def pretrain_augment(images, generator, config=PRETRAIN, size=IMAGE_SIZE):
     """The SimSiam augmentation of utils.pretrain_transform on a uint8 batch; returns normalised float32."""
-    n, _, height, width = images.shape
-    device = images.device
-    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, device)
-    flip = bernoulli(n, config['flip_p'], generator, device)
-    x = resized_crop(to_float(images), *box, size, flip=flip)
+    n, device = len(images), images.device
+    x = _crop_and_flip(images, generator, config, size)
     x = color_jitter(x, *sample_jitter(n, config['jitter'], config['jitter_p'], generator, device))
     x = random_grey(x, bernoulli(n, config['grey_p'], generator, device))
     return normalize(x)
@@ -229,8 +234,4 @@ def pretrain_augment(images, generator, config=PRETRAIN, size=IMAGE_SIZE):
 
 def linear_augment(images, generator, config=LINEAR, size=IMAGE_SIZE):
     """The linear-evaluation augmentation of utils.linear_transform on a uint8 batch."""
-    n, _, height, width = images.shape
-    device = images.device
-    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, device)
-    flip = bernoulli(n, config['flip_p'], generator, device)
-    return normalize(resized_crop(to_float(images), *box, size, flip=flip))
+    return normalize(_crop_and_flip(images, generator, config, size))

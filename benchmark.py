@@ -125,6 +125,8 @@ def config_speed(name, device):
     device), or 'fast+<change>'."""
     if name == 'seed':
         return utils.Speed(device, 'pil', amp=False, channels_last=False, compile=False)
+    if name.split('+')[0] != 'fast':
+        raise utils.UserError(f'--configs: {name!r} is neither seed nor fast+...')
     defaults = utils.resolve_speed(argparse.Namespace(aug='auto', amp='auto', channels_last='auto',
                                                       compile=False), device)
     for change in name.split('+')[1:]:
@@ -136,8 +138,6 @@ def config_speed(name, device):
             setattr(defaults, change[3:], False)
         else:
             raise utils.UserError(f'--configs: unknown change {change!r}')
-    if name.split('+')[0] != 'fast':
-        raise utils.UserError(f'--configs: {name!r} is neither seed nor fast+...')
     return defaults
 
 

@@ -172,7 +172,7 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         mean = sums[:-1] / count  # C
         centered = x - mean.view(shape)
         var = _AllSum.apply((centered * centered).sum(dims)) / count  # C, biased: what BN normalises with
-        if self.training and self.track_running_stats:
+        if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum

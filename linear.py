@@ -117,24 +117,22 @@ def changed_entries(module, before):
     return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
 
 
-# Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'}
 COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5', 'lr',
            'epoch_time']
 WALL_CLOCK = ('epoch_time',)
 
 
 def save_epoch(paths, rows, backbone, head, optimizer, epoch, args, ckpt, classes):
-    """The CSV, the linear model and the training state of a completed epoch, written as one set."""
-    with utils.signals_deferred():
-        utils.write_csv(rows, COLUMNS, paths['csv'])
-        common = {'epoch': epoch, 'model_args': ckpt['model_args'], 'classes': classes, 'args': vars(args),
-                  'pretrain_args': ckpt['args']}
-        utils.save_checkpoint({'kind': 'simsiam_linear', 'backbone': backbone.state_dict(),
-                               'head': head.state_dict(), **common}, paths['model'])
-        utils.save_checkpoint({'kind': 'simsiam_linear_state', 'head': head.state_dict(),
-                               'optimizer': optimizer.state_dict(), 'rows': rows, 'rng': utils.rng_state(),
-                               **common}, paths['state'])
+    """The CSV, the linear model and the training state of a completed epoch (the caller holds signals
+    back, so that they are written as one set)."""
+    utils.write_csv(rows, COLUMNS, paths['csv'])
+    common = {'epoch': epoch, 'model_args': ckpt['model_args'], 'classes': classes, 'args': vars(args),
+              'pretrain_args': ckpt['args']}
+    weights = head.state_dict()
+    utils.save_checkpoint({'kind': 'simsiam_linear', 'backbone': backbone.state_dict(), 'head': weights,
+                           **common}, paths['model'])
+    utils.save_checkpoint({'kind': 'simsiam_linear_state', 'head': weights, 'optimizer': optimizer.state_dict(),
+                           'rows': rows, 'rng': utils.rng_state(), **common}, paths['state'])
 
 
 def main(args):
@@ -148,17 +146,8 @@ def load_run(args, paths):
     ckpt = utils.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')
     load_backbone(ckpt, args.model_path)  # refuse a checkpoint that does not fit before anything else
     utils.check_writable(args.results_dir)
-    state = utils.find_state(args.resume, paths['state'], 'simsiam_linear_state', 'linear.py')
-    if state is not None:
-        changed = utils.run_differences(state['args'], vars(args), HARMLESS)
-        if changed:
-            raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
-    return ckpt, state
+    return ckpt, utils.find_state(args, paths['state'], 'simsiam_linear_state', 'linear.py')
 
-
-def load_data(dataset, data_root):
-    train = utils.load_dataset(dataset, data_root, train=True)
-    return train, utils.load_dataset(dataset, data_root, train=False, classes=train.classes)
 
 
 def evaluate(args, world, device):
@@ -173,7 +162,7 @@ def evaluate(args, world, device):
     backbone, dim = load_backbone(ckpt, args.model_path)
     dataset = args.dataset or ckpt['args']['dataset']
     data_root = args.data_root or ckpt['args']['data_root']
-    train, test = utils.on_main(lambda: load_data(dataset, data_root), world)
+    train, test = utils.on_main(lambda: utils.load_splits(dataset, data_root), world)
     if args.batch_size > len(train):
         raise utils.JobError(f'--batch_size {args.batch_size} is larger than the training set '
                              f'({len(train)} images): no step would run')
@@ -202,8 +191,7 @@ def evaluate(args, world, device):
             'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
             'train_images': len(train), 'test_images': len(test), 'classes': train.classes}), paths['record'])
     source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device,
-                              utils.worker_count(args.num_workers, world),
-                              world.rank, world.world_size)
+                              utils.worker_count(args.num_workers, world), world)
     features = speed.wrap(speed.prepare(backbone).eval())  # eval mode: BN statistics never change
     trained = distributed.data_parallel(head, world, device)  # gradients averaged over processes
     first_epoch = done + 1

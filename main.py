@@ -126,8 +126,6 @@ def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=di
     return torch.cat(losses).mean().item(), torch.cat(stds).mean().item()
 
 
-# Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = {'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'}
 # The seed's columns, then the collapse monitor, the schedule and the clock (train and kNN separately).
 COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5', 'z_std', 'z_std_ratio', 'lr',
            'train_time', 'knn_time', 'epoch_time', 'images_per_s']
@@ -155,16 +153,15 @@ def model_args(args):
 
 
 def save_epoch(paths, rows, model, optimizer, epoch, args, classes):
-    """The CSV, the model and the full training state of a completed epoch; no signal splits the set."""
-    with utils.signals_deferred():
-        utils.write_csv(rows, COLUMNS, paths['csv'])
-        common = {'epoch': epoch, 'model_args': model_args(args), 'dataset': args.dataset, 'classes': classes,
-                  'args': vars(args)}
-        utils.save_checkpoint({'kind': 'simsiam_model', 'state_dict': model.state_dict(), **common},
-                              paths['model'])
-        utils.save_checkpoint({'kind': 'simsiam_state', 'model': model.state_dict(),
-                               'optimizer': optimizer.state_dict(), 'rows': rows, 'rng': utils.rng_state(),
-                               **common}, paths['state'])
+    """The CSV, the model and the full training state of a completed epoch (the caller holds signals
+    back, so that they are written as one set)."""
+    utils.write_csv(rows, COLUMNS, paths['csv'])
+    common = {'epoch': epoch, 'model_args': model_args(args), 'dataset': args.dataset, 'classes': classes,
+              'args': vars(args)}
+    weights = model.state_dict()
+    utils.save_checkpoint({'kind': 'simsiam_model', 'state_dict': weights, **common}, paths['model'])
+    utils.save_checkpoint({'kind': 'simsiam_state', 'model': weights, 'optimizer': optimizer.state_dict(),
+                           'rows': rows, 'rng': utils.rng_state(), **common}, paths['state'])
 
 
 def main(args):
@@ -175,17 +172,8 @@ def main(args):
 def load_run(args, paths):
     """The results folder checked, and the saved state to continue from (or None): decided by rank 0."""
     utils.check_writable(args.results_dir)
-    state = utils.find_state(args.resume, paths['state'], 'simsiam_state', 'main.py')
-    if state is not None:
-        changed = utils.run_differences(state['args'], vars(args), HARMLESS)
-        if changed:
-            raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
-    return state
+    return utils.find_state(args, paths['state'], 'simsiam_state', 'main.py')
 
-
-def load_data(args):
-    train = utils.load_dataset(args.dataset, args.data_root, train=True)
-    return train, utils.load_dataset(args.dataset, args.data_root, train=False, classes=train.classes)
 
 
 def pretrain(args, world, device):
@@ -195,7 +183,7 @@ def pretrain(args, world, device):
     name = run_name(args)
     paths = output_paths(args.results_dir, name)
     state = utils.on_main(lambda: load_run(args, paths), world)
-    train, test = utils.on_main(lambda: load_data(args), world)
+    train, test = utils.on_main(lambda: utils.load_splits(args.dataset, args.data_root), world)
     if args.batch_size > len(train):
         raise utils.JobError(f'--batch_size {args.batch_size} is larger than the training set '
                              f'({len(train)} images): no step would run')
@@ -231,8 +219,7 @@ def pretrain(args, world, device):
             'world_size': world.world_size, 'train_images': len(train), 'test_images': len(test),
             'classes': train.classes}), paths['record'])
     source = utils.ViewSource(train, 'pretrain', speed.aug, args.seed, device,
-                              utils.worker_count(args.num_workers, world),
-                              world.rank, world.world_size)
+                              utils.worker_count(args.num_workers, world), world)
     net = speed.prepare(model, lambda m: distributed.data_parallel(m, world, device))
     knn_fn = speed.wrap(model.backbone if args.knn_feature == 'backbone' else model.encode)
     features = None

@@ -193,16 +193,23 @@ class _Signal(BaseException):
 
 
 @contextlib.contextmanager
-def signals_raise():
-    """Turn SIGINT and SIGTERM into a _Signal exception in the main thread while the block runs."""
-    def handler(signum, frame):
-        raise _Signal(signum)
+def _handling(handler):
+    """`handler` for SIGINT and SIGTERM while the block runs; yields the handlers it replaced."""
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield previous
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _raise_signal(signum, frame):
+    raise _Signal(signum)
+
+
+def signals_raise():
+    """Turn SIGINT and SIGTERM into a _Signal exception in the main thread while the block runs."""
+    return _handling(_raise_signal)
 
 
 @contextlib.contextmanager
@@ -215,13 +222,8 @@ def signals_deferred():
     inside a file write that torch.save makes.
     """
     held = []
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handling(lambda signum, frame: held.append(signum)) as previous:
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if held:
         handler = previous[held[0]]
         if callable(handler):
@@ -482,6 +484,12 @@ def load_dataset(name, root, train, classes=None):
     raise UserError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
 
 
+def load_splits(name, root):
+    """(train, test) ImageSets of a dataset; the test split uses the training split's classes."""
+    train = load_dataset(name, root, train=True)
+    return train, load_dataset(name, root, train=False, classes=train.classes)
+
+
 # ----------------------------------------------------------------------------- augmentation (PIL path)
 
 def pretrain_transform(mean=MEAN, std=STD, size=IMAGE_SIZE):
@@ -570,11 +578,11 @@ class ViewSource:
     same order; only the augmentation randomness differs. Yields ([view, ...], labels).
     """
 
-    def __init__(self, data, stage, aug, seed, device, num_workers=0, rank=0, world_size=1):
+    def __init__(self, data, stage, aug, seed, device, num_workers=0, world=SINGLE):
         assert stage in ('pretrain', 'linear') and aug in AUGMENTATIONS
         self.views = 2 if stage == 'pretrain' else 1
         self.aug, self.seed, self.device = aug, seed, device
-        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.num_workers, self.world = num_workers, world
         self.n = len(data)
         if aug == 'pil':
             transform = pretrain_transform() if stage == 'pretrain' else linear_transform()
@@ -587,16 +595,17 @@ class ViewSource:
     def epoch(self, epoch, batch_size):
         """(iterable of ([views], labels), number of steps) for one epoch."""
         if self.aug == 'pil':
-            sampler = EpochBatchSampler(self.n, batch_size, self.seed, epoch, self.rank, self.world_size)
+            sampler = EpochBatchSampler(self.n, batch_size, self.seed, epoch, self.world.rank,
+                                        self.world.world_size)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                 pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_signals_in_worker)
             return self._from_loader(loader), len(loader)
-        batches = epoch_batches(self.n, batch_size, self.seed, epoch, self.rank, self.world_size)
+        batches = epoch_batches(self.n, batch_size, self.seed, epoch, self.world.rank, self.world.world_size)
         if not batches:
             return iter(()), 0
         batches = torch.stack(batches).to(self.device)  # one copy per epoch, not one per step
-        return self._batched(batches, generator(self.seed, epoch, self.rank, device=self.device)), len(batches)
+        return self._batched(batches, generator(self.seed, epoch, self.world.rank, device=self.device)), len(batches)
 
     def _from_loader(self, loader):
         for *views, labels in loader:
@@ -638,7 +647,7 @@ def embed(fn, images, batch_size, device, ranges=None, mean=MEAN, std=STD):
     """L2-normalised float32 features (N, D) of uint8 images under the test transform: of every image in
     batches of batch_size, or of the rows [start, stop) of each of `ranges`, in order."""
     if ranges is None:
-        ranges = [(s, min(s + batch_size, len(images))) for s in range(0, len(images), batch_size)]
+        ranges = distributed.shard_chunks(len(images), batch_size, SINGLE)
     out = []
     for start, stop in ranges:
         x = normalize(images[start:stop].to(device, non_blocking=True), mean, std)
@@ -805,18 +814,24 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'][:torch.cuda.device_count()])
 
 
-def run_differences(saved, current, harmless):
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'})
+
+
+def run_differences(saved, current, harmless=HARMLESS):
     """Arguments whose values differ between a saved run and this one, ignoring the harmless ones."""
     return [f'--{k} {saved[k]} (now {current[k]})' for k in sorted(saved)
             if k in current and k not in harmless and saved[k] != current[k]]
 
 
-def find_state(resume, state_path, kind, script):
-    """The training state to continue from, or None to start afresh.
+def find_state(args, state_path, kind, script):
+    """The training state to continue, as `args.resume` asks, or None to start afresh.
 
     resume None: start afresh, but never over an existing run's state (that would lose it).
     'auto': continue from state_path if it exists. Anything else: the path of a state to continue from.
+    A state whose run differs from `args` in more than the HARMLESS arguments is refused.
     """
+    resume = args.resume
     if resume is None:
         if os.path.exists(state_path):
             name = os.path.basename(state_path)[:-len('_state.pth')]
@@ -832,6 +847,9 @@ def find_state(resume, state_path, kind, script):
     missing = [k for k in ('args', 'epoch', 'rows', 'rng') if k not in state]
     if missing:
         raise UserError(f'--resume {resume!r} lacks {", ".join(missing)}: not a state written by {script}')
+    changed = run_differences(state['args'], vars(args))
+    if changed:
+        raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
     return state
 
 

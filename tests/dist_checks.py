@@ -22,8 +22,7 @@ def fixed_model():
 
 def check(data_root, world, device, sync=True):
     """The monitor's numbers and features, then the loss, z_std and weights after one step."""
-    train = utils.load_dataset('folder', data_root, train=True)
-    test = utils.load_dataset('folder', data_root, train=False, classes=train.classes)
+    train, test = utils.load_splits('folder', data_root)
     model = fixed_model().to(device).eval()
     top1, top5, bank, queries = utils.knn_monitor(model.backbone, train, test, 5, 0.1, 8, device, world)
 
