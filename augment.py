@@ -20,9 +20,21 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale for tensors
-PRETRAIN = {'scale': (0.2, 1.0), 'ratio': (3 / 4, 4 / 3), 'flip_p': 0.5, 'jitter_p': 0.8,
-            'jitter': (0.4, 0.4, 0.4, 0.1), 'grey_p': 0.2}
-LINEAR = {'scale': (0.08, 1.0), 'ratio': (3 / 4, 4 / 3), 'flip_p': 0.5}
+# The one copy of the recipe's numbers (paper Sec. 4 and App. D, as the official code's CIFAR
+# augmentation); the PIL transforms of utils.py read them too.
+PRETRAIN = {
+    'scale': (0.2, 1.0),  # RandomResizedCrop area fraction; 0.2, not torchvision's 0.08, as for SimSiam
+    'ratio': (3 / 4, 4 / 3),  # RandomResizedCrop aspect ratio, torchvision's default
+    'flip_p': 0.5,  # horizontal flip
+    'jitter_p': 0.8,  # ColorJitter applied with this probability
+    'jitter': (0.4, 0.4, 0.4, 0.1),  # ColorJitter brightness, contrast, saturation, hue
+    'grey_p': 0.2,  # RandomGrayscale
+}
+LINEAR = {  # linear evaluation's training augmentation: crop and flip only
+    'scale': (0.08, 1.0),
+    'ratio': (3 / 4, 4 / 3),
+    'flip_p': 0.5,
+}
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
 
 

@@ -7,7 +7,6 @@ Prints one table per part and the ratios against the seed-equivalent configurati
 augmentation in DataLoader workers, float32, two forward passes). Repeated measurements are interleaved
 and the median is reported, so a machine that slows down for a while slows every configuration alike.
 """
-import argparse
 import resource
 import statistics
 import sys
@@ -16,24 +15,26 @@ import time
 import torch
 
 import augment
+import launch
 import main as pretrain
+import monitor
 import utils
 from model import ARCHS, SimSiam
 
 
 def parse_args(argv=None):
-    p = utils.Parser(description=__doc__.splitlines()[0])
+    p = launch.Parser(description=__doc__.splitlines()[0])
     p.add_argument('--arch', default='resnet18', choices=ARCHS)
-    p.add_argument('--batch_size', type=utils.positive_int, default=64, help='images per training step')
-    p.add_argument('--images', type=utils.positive_int, default=None,
+    p.add_argument('--batch_size', type=launch.positive_int, default=64, help='images per training step')
+    p.add_argument('--images', type=launch.positive_int, default=None,
                    help='images in the timed training epoch (default: 8 batches)')
-    p.add_argument('--aug_images', type=utils.positive_int, default=1024,
+    p.add_argument('--aug_images', type=launch.positive_int, default=1024,
                    help='images per augmentation measurement')
-    p.add_argument('--repeats', type=utils.positive_int, default=3, help='interleaved repetitions of each training epoch')
-    p.add_argument('--aug_repeats', type=utils.positive_int, default=5, help='interleaved repetitions of each augmentation measurement')
-    p.add_argument('--knn_bank', type=utils.positive_int, default=10000, help='kNN bank size N')
-    p.add_argument('--knn_queries', type=utils.positive_int, default=2000, help='kNN query count M')
-    p.add_argument('--num_workers', type=utils.non_negative_int, default=utils.available_cpus(),
+    p.add_argument('--repeats', type=launch.positive_int, default=3, help='interleaved repetitions of each training epoch')
+    p.add_argument('--aug_repeats', type=launch.positive_int, default=5, help='interleaved repetitions of each augmentation measurement')
+    p.add_argument('--knn_bank', type=launch.positive_int, default=10000, help='kNN bank size N')
+    p.add_argument('--knn_queries', type=launch.positive_int, default=2000, help='kNN query count M')
+    p.add_argument('--num_workers', type=launch.non_negative_int, default=launch.available_cpus(),
                    help='DataLoader workers of the PIL path')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--configs', default='seed,fast,fast+channels_last,fast+compile',
@@ -124,11 +125,10 @@ def config_speed(name, device):
     """The Speed of a named configuration: 'seed' (PIL, fp32, contiguous), 'fast' (the defaults for this
     device), or 'fast+<change>'."""
     if name == 'seed':
-        return utils.Speed(device, 'pil', amp=False, channels_last=False, compile=False)
+        return launch.Speed(device, 'pil', amp=False, channels_last=False, compile=False)
     if name.split('+')[0] != 'fast':
-        raise utils.UserError(f'--configs: {name!r} is neither seed nor fast+...')
-    defaults = utils.resolve_speed(argparse.Namespace(aug='auto', amp='auto', channels_last='auto',
-                                                      compile=False), device)
+        raise launch.UserError(f'--configs: {name!r} is neither seed nor fast+...')
+    defaults = launch.resolve_speed(device)
     for change in name.split('+')[1:]:
         if change == 'pil':
             defaults.aug = 'pil'
@@ -137,7 +137,7 @@ def config_speed(name, device):
         elif change in ('no_channels_last', 'no_amp'):
             setattr(defaults, change[3:], False)
         else:
-            raise utils.UserError(f'--configs: unknown change {change!r}')
+            raise launch.UserError(f'--configs: unknown change {change!r}')
     return defaults
 
 
@@ -201,12 +201,12 @@ def bench_knn(args, device):
     bank_features, test_features = {}, {}
 
     def embed():
-        bank_features['x'] = utils.embed(fn, bank.images, 512, device)
-        test_features['x'] = utils.embed(fn, test.images, 512, device)
+        bank_features['x'] = monitor.embed(fn, bank.images, 512, device)
+        test_features['x'] = monitor.embed(fn, test.images, 512, device)
         sync(device)
 
     def search():
-        utils.knn_predict(test_features['x'], bank_features['x'], bank.labels.to(device), 10,
+        monitor.knn_predict(test_features['x'], bank_features['x'], bank.labels.to(device), 10,
                           min(200, args.knn_bank), 0.1)
         sync(device)
 
@@ -219,10 +219,10 @@ def bench_knn(args, device):
 
 
 def main(args):
-    device = utils.resolve_device(args.device)
+    device = launch.resolve_device(args.device)
     print(f'torch {torch.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
-          + f', {utils.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
+          + f', {launch.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
     aug_ratio = bench_augmentation(args, device)
     times = bench_training(args, device)
     bench_knn(args, device)
@@ -235,4 +235,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(utils.cli(main, parse_args))
+    sys.exit(launch.cli(main, parse_args))

@@ -3,7 +3,6 @@
 Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021 (arXiv 2011.10566).
 Sec. 3 gives the architecture and the symmetric loss; Appendix D the CIFAR-10 variant used here.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision

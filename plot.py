@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import utils  # noqa: E402
+import files  # noqa: E402
+from launch import UserError  # noqa: E402
+from monitor import COLLAPSE_THRESHOLD  # noqa: E402
 
 FIGSIZE = (12, 7.5)  # inches
 DPI = 100  # so a curve figure is 1200 x 750 pixels
@@ -23,7 +25,7 @@ NEIGHBOURS = 8  # query images and neighbours per query in the neighbour panel
 
 
 def _save(fig, path):
-    with utils.atomic_open(path, 'wb') as f:
+    with files.atomic_open(path, 'wb') as f:
         fig.savefig(f, format='png', dpi=DPI)
     plt.close(fig)
 
@@ -53,7 +55,7 @@ def plot_pretrain(df, path, title=''):
     _panel(axes[0, 1], df, [('test_acc@1', 'top-1'), ('test_acc@5', 'top-5')], 'kNN monitor accuracy', '%')
     _panel(axes[1, 0], df, [('z_std_ratio', 'std(z/|z|) x sqrt(d)')], 'collapse monitor (1 healthy, 0 collapsed)')
     if 'z_std_ratio' in df:
-        axes[1, 0].axhline(utils.COLLAPSE_THRESHOLD, color='red', lw=0.8, ls='--', label='warning threshold')
+        axes[1, 0].axhline(COLLAPSE_THRESHOLD, color='red', lw=0.8, ls='--', label='warning threshold')
         axes[1, 0].set_ylim(bottom=0)
         axes[1, 0].legend(loc='best', fontsize='small')
     _panel(axes[1, 1], df, [('lr', 'encoder lr')], 'learning rate')
@@ -78,9 +80,9 @@ def plot_csv(csv_path, png_path=None):
     try:
         df = pd.read_csv(csv_path)
     except (OSError, ValueError) as e:
-        raise utils.UserError(f'cannot read {csv_path!r} as a CSV log ({e})') from None
+        raise UserError(f'cannot read {csv_path!r} as a CSV log ({e})') from None
     if 'epoch' not in df or 'train_loss' not in df:
-        raise utils.UserError(f'{csv_path!r} has no epoch and train_loss columns: not a log of these scripts')
+        raise UserError(f'{csv_path!r} has no epoch and train_loss columns: not a log of these scripts')
     png_path = png_path or os.path.splitext(csv_path)[0] + '.png'
     title = os.path.basename(os.path.splitext(csv_path)[0])
     (plot_linear if 'train_acc@1' in df else plot_pretrain)(df, png_path, title)
@@ -119,16 +121,16 @@ def plot_neighbours(queries, neighbours, query_labels, neighbour_labels, similar
 
 def main(paths):
     if not paths:
-        raise utils.UserError('give one or more CSV logs, e.g. python plot.py results/<name>_statistics.csv')
+        raise UserError('give one or more CSV logs, e.g. python plot.py results/<name>_statistics.csv')
     for path in paths:
         if not os.path.isfile(path):
-            raise utils.UserError(f'{path!r} does not exist')
+            raise UserError(f'{path!r} does not exist')
         print(f'{path} -> {plot_csv(path)}')
 
 
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except utils.UserError as e:
+    except UserError as e:
         print(f'plot.py: error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
 import main  # noqa: E402
+import launch  # noqa: E402
+import monitor  # noqa: E402
 import utils  # noqa: E402
 from model import SimSiam  # noqa: E402
 
@@ -24,7 +26,7 @@ def check(data_root, world, device, sync=True):
     """The monitor's numbers and features, then the loss, z_std and weights after one step."""
     train, test = utils.load_splits('folder', data_root)
     model = fixed_model().to(device).eval()
-    top1, top5, bank, queries = utils.knn_monitor(model.backbone, train, test, 5, 0.1, 8, device, world)
+    top1, top5, bank, queries = monitor.knn_monitor(model.backbone, train, test, 5, 0.1, 8, device, world)
 
     gen = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(2, GLOBAL_BATCH, 3, 32, 32, generator=gen)
@@ -34,7 +36,7 @@ def check(data_root, world, device, sync=True):
         model = distributed.sync_batchnorm(model, device)
     optimizer = main.build_optimizer(model, 0.5, 0.9, 5e-4, False)
     net = distributed.data_parallel(model, world, device)
-    speed = utils.Speed(device, 'batched', amp=False, channels_last=False, compile=False)
+    speed = launch.Speed(device, 'batched', amp=False, channels_last=False, compile=False)
     loss, z_std = main.train_epoch(net, [([x1[mine], x2[mine]], None)], 1, optimizer, 1, 1, speed, world,
                                    progress=False)
     return {'top1': top1, 'top5': top5, 'bank': bank, 'queries': queries, 'loss': loss, 'z_std': z_std,
@@ -43,7 +45,7 @@ def check(data_root, world, device, sync=True):
 
 if __name__ == '__main__':
     out, data_root = sys.argv[1], sys.argv[2]
-    with utils.processes('cpu', os.environ) as (world, device):
+    with launch.processes('cpu', os.environ) as (world, device):
         results = {'sync': check(data_root, world, device, sync=True),
                    'unsynced': check(data_root, world, device, sync=False)}
         if world.main:

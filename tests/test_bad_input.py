@@ -8,7 +8,7 @@ import torch
 
 import linear
 import main
-import utils
+import launch
 from conftest import TINY, run_script
 
 TINY = [*TINY, '--epochs', '1']
@@ -36,7 +36,7 @@ def run_cli(module, argv, monkeypatch, capsys):
     """The script's command-line entry point, in-process; returns (status, stderr)."""
     monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, argv)])
     try:
-        status = utils.cli(module.main, module.parse_args)
+        status = launch.cli(module.main, module.parse_args)
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 
 import distributed
 import main
-import utils
+import files
 from conftest import ROOT, TINY, csv_without
 from dist_checks import check
 
@@ -147,7 +147,7 @@ def test_a_killed_rank_ends_the_job_and_the_resumed_run_is_the_same_run(uninterr
     _, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - start < 90, err[-3000:]  # ended, no hang
     assert 'main.py: interrupted by SIGTERM; epochs 1-' in err, err[-3000:]  # torchrun stopped rank 0
-    state = utils.load_checkpoint(str(tmp_path / 'job_state.pth'), ('simsiam_state',), '--resume')
+    state = files.load_checkpoint(str(tmp_path / 'job_state.pth'), ('simsiam_state',), '--resume')
     assert 1 <= state['epoch'] < 3
     assert len(pd.read_csv(csv)) == state['epoch']
 

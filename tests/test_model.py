@@ -117,14 +117,17 @@ def test_encoder_gradient_comes_only_through_the_predictor():
 
 
 def test_param_and_flop_counts_match_the_seed_table():
-    counts = main.count_model(SimSiam('resnet50'), torch.device('cpu'))
+    counts = main.count_model(SimSiam('resnet50'), 10, torch.device('cpu'))
     assert round(counts['backbone_params_M'], 2) == 23.50
     assert round(counts['linear_params_M'], 2) == 23.52
     assert round(counts['flops_G'], 2) == 1.31
+    # the head has one output per class: 2048 x 100 + 100 parameters for CIFAR-100
+    hundred = main.count_model(SimSiam('resnet50'), 100, torch.device('cpu'))
+    assert hundred['linear_params_M'] * 1e6 - counts['linear_params_M'] * 1e6 == pytest.approx(2049 * 90)
 
 
 def test_counting_leaves_the_model_untouched():
     model = SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32)
     keys = set(model.state_dict())
-    main.count_model(model, torch.device('cpu'))
+    main.count_model(model, 4, torch.device('cpu'))
     assert set(model.state_dict()) == keys

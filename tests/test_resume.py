@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
+import launch
 import linear
 import main
-import utils
 from conftest import ROOT, TINY, csv_without, run_script
 
 PIL = ['--aug', 'pil', '--num_workers', '2']  # augmentation in DataLoader worker processes
@@ -104,10 +104,10 @@ def test_batched_path_interrupted_and_resumed_is_the_same_run(folder_data, tmp_p
     def interrupted_in_epoch_2(model, batches, steps, optimizer, epoch, *rest, **kw):
         if epoch == 2:
             next(iter(batches))  # part of the epoch's data is drawn, then the signal arrives
-            raise utils._Signal(signal.SIGTERM)
+            raise launch._Signal(signal.SIGTERM)
         return real(model, batches, steps, optimizer, epoch, *rest, **kw)
     monkeypatch.setattr(main, 'train_epoch', interrupted_in_epoch_2)
-    with pytest.raises(utils.Interrupted, match='SIGTERM') as e:
+    with pytest.raises(launch.Interrupted, match='SIGTERM') as e:
         main.main(args(tmp_path / 'cut'))
     assert 'epochs 1-1 are saved' in e.value.saved
     monkeypatch.setattr(main, 'train_epoch', real)
@@ -180,9 +180,9 @@ def test_linear_sigkill_then_resume_is_the_same_run(folder_data, uninterrupted, 
 WRITER = '''
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-import utils
+import files
 for i in range(1, 10 ** 6):
-    utils.save_checkpoint({"i": i, "x": torch.full((1_000_000,), float(i))}, sys.argv[1])
+    files.save_checkpoint({"i": i, "x": torch.full((1_000_000,), float(i))}, sys.argv[1])
     print(i, flush=True)
 '''
 

@@ -1,0 +1,218 @@
+"""The life of a run, shared by both scripts: its output paths, refusing or restoring a saved state, the
+random-number states, the record of what ran, and the one loop over epochs (the saved set per epoch with
+signals held back, the interrupt line, the non-finite stop, the plot refresh and the final line).
+
+A script says what one epoch trains and what its files hold; `Run` does the rest the same way for both.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+import files
+import launch
+import utils
+from launch import JobError, UserError
+
+# Arguments that may change when a run is resumed: they do not change what the run computes.
+HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'})
+
+
+def cosine_lr(init_lr, epoch, epochs):
+    """lr for 0-based `epoch`: init_lr * (1 + cos(pi * epoch / epochs)) / 2 (paper Sec. 4, SGDR)."""
+    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def first_non_finite(losses, epoch, last_step):
+    """Raise NonFiniteLoss for the first non-finite value of `losses` (CPU, one per step, the last being
+    step `last_step` of `epoch`)."""
+    bad = (~losses.isfinite()).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        raise launch.NonFiniteLoss(epoch, last_step - len(losses) + first + 1, losses[first].item())
+
+
+# ----------------------------------------------------------------------------- random-number states
+
+def rng_state():
+    """Every global random-number state: torch CPU and, where initialised, each CUDA device."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {'cpu': torch.get_rng_state(), 'cuda': cuda}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['cpu'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'][:torch.cuda.device_count()])
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def run_differences(saved, current, harmless=HARMLESS):
+    """Arguments whose values differ between a saved run and this one, ignoring the harmless ones."""
+    return [f'--{k} {saved[k]} (now {current[k]})' for k in sorted(saved)
+            if k in current and k not in harmless and saved[k] != current[k]]
+
+
+def find_state(resume, state_path, kind, script, settings):
+    """The training state to continue, as --resume asks, or None to start afresh.
+
+    resume None: start afresh, but never over an existing run's state (that would lose it).
+    'auto': continue from state_path if it exists. Anything else: the path of a state to continue from.
+    A state whose run differs from `settings` (this run's arguments) in more than the HARMLESS ones is refused.
+    """
+    if resume is None:
+        if os.path.exists(state_path):
+            name = os.path.basename(state_path)[:-len('_state.pth')]
+            raise UserError(f'{state_path!r} already holds the state of a run named {name!r}; continue it '
+                            f'with --resume auto, or pick another --name or --results_dir')
+        return None
+    if resume == 'auto':
+        if not os.path.exists(state_path):
+            print(f'--resume auto: no {state_path}, starting afresh', flush=True)
+            return None
+        resume = state_path
+    state = files.load_checkpoint(resume, (kind,), '--resume')
+    missing = [k for k in ('args', 'epoch', 'rows', 'rng') if k not in state]
+    if missing:
+        raise UserError(f'--resume {resume!r} lacks {", ".join(missing)}: not a state written by {script}')
+    changed = run_differences(state['args'], settings)
+    if changed:
+        raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
+    return state
+
+
+# ----------------------------------------------------------------------------- run records
+
+def run_record(settings, device, extra):
+    """What a run was: every argument, the library versions, the device and the code's git commit."""
+    import platform
+    import subprocess
+    import torchvision
+    versions = {'python': platform.python_version(), 'torch': torch.__version__,
+                'torchvision': torchvision.__version__}
+    for module in ('numpy', 'pandas', 'thop', 'tqdm', 'matplotlib', 'PIL'):
+        try:
+            versions[module] = getattr(__import__(module), '__version__', 'unknown')
+        except ImportError:
+            versions[module] = None
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open('/proc/cpuinfo') as f:
+                names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+            device_name = f'{names[0]} ({launch.available_cpus()} CPUs available)' if names else device_name
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = dirty = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = lambda *a: subprocess.run(['git', '-C', here, *a], capture_output=True, text=True, timeout=10)
+        head = git('rev-parse', 'HEAD')
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = bool(git('status', '--porcelain', '--untracked-files=no').stdout.strip())
+    return {'args': settings, **extra, 'device': str(device), 'device_name': device_name,
+            'versions': versions, 'git_commit': commit, 'git_dirty': dirty,
+            'command': ' '.join(sys.argv)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """One run of a script under one name.
+
+    script: 'main.py' or 'linear.py'; settings: the run's arguments as a dict (saved in every file);
+    outputs: {key: file-name suffix}, with at least 'csv', 'model', 'state', 'plot' and 'record';
+    state_kind: the 'kind' of its state file; columns: the CSV's columns.
+    """
+
+    def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world):
+        self.script, self.settings, self.results_dir, self.name = script, settings, results_dir, name
+        self.paths = {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in outputs.items()}
+        self.state_kind, self.columns, self.world = state_kind, columns, world
+        self.log = launch.printer(world)
+        self.rows, self.done = [], 0
+        self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
+        launch.check_divisible(batch_size, world)
+
+    def find_state(self):
+        """On rank 0: the results folder checked, and the saved state to continue from (or None)."""
+        files.check_writable(self.results_dir)
+        return find_state(self.settings['resume'], self.paths['state'], self.state_kind, self.script,
+                          self.settings)
+
+    def load_data(self, dataset, data_root, batch_size):
+        """(train, test) of the dataset, read by rank 0; a batch larger than the training set is refused."""
+        train, test = launch.on_main(lambda: utils.load_splits(dataset, data_root), self.world)
+        if batch_size > len(train):
+            raise JobError(f'--batch_size {batch_size} is larger than the training set '
+                           f'({len(train)} images): no step would run')
+        return train, test
+
+    def restore(self, state, modules, optimizer, what, epochs):
+        """Load a saved training state into `modules` ({key in the state: module}) and the optimizer and
+        restore the random-number states, the CSV rows so far and the epochs done."""
+        if state is None:
+            return
+        try:
+            for key, module in modules.items():
+                module.load_state_dict(state[key])
+            optimizer.load_state_dict(state['optimizer'])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
+        set_rng_state(state['rng'])
+        self.rows, self.done = list(state['rows']), state['epoch']
+        self.log(f'resuming after epoch {self.done} of {epochs}' if self.done < epochs else
+                 f'the run is already complete ({self.done} epochs)', flush=True)
+
+    def write_record(self, device, extra):
+        if self.world.main:
+            files.write_json(run_record(self.settings, device, {'name': self.name, 'resumed_after_epoch': self.done,
+                                                                'world_size': self.world.world_size, **extra}),
+                             self.paths['record'])
+
+    def saved(self):
+        """What is on disk to continue from, for the interrupt line."""
+        return f'epochs 1-{self.done} are saved in {self.paths["state"]}' if self.done else 'no epoch had completed'
+
+    def loop(self, epochs, train_epoch, checkpoint, plot, describe):
+        """Run the epochs after the last one done.
+
+        train_epoch(epoch) -> the epoch's CSV row (it may raise NonFiniteLoss); checkpoint() -> (model,
+        state): the model file's dict (with its 'kind') and the state's own entries (weights, optimizer),
+        to which the epoch, the arguments, the rows and the random-number states are added; plot(rows)
+        redraws the statistics picture; describe(row) is the epoch's line. Each epoch's CSV, model and
+        state are written by rank 0 as one set, SIGINT and SIGTERM held back meanwhile.
+        """
+        with launch.interruptible(self.saved):
+            for epoch in range(self.done + 1, epochs + 1):
+                try:
+                    row = train_epoch(epoch)
+                except launch.NonFiniteLoss as e:
+                    kept = (f'the state of epoch {self.done} is kept in {self.paths["state"]}' if self.done
+                            else 'nothing was saved')
+                    raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+                self.rows.append(row)
+                with launch.signals_deferred():  # a signal now is taken once the epoch is saved and counted
+                    if self.world.main:
+                        self._save(epoch, *checkpoint())
+                    self.done = epoch
+                if self.world.main:
+                    plot(self.rows)
+                self.log(describe(row), flush=True)
+
+    def _save(self, epoch, model, state):
+        common = {'epoch': epoch, 'args': self.settings}
+        files.write_csv(self.rows, self.columns, self.paths['csv'])
+        files.save_checkpoint({**model, **common}, self.paths['model'])
+        files.save_checkpoint({'kind': self.state_kind, **state, 'rows': self.rows, 'rng': rng_state(), **common},
+                              self.paths['state'])
+
+    def finish(self, summary):
+        """The final line: every file written, then `summary`."""
+        written = ', '.join(f'{key} {path}' for key, path in self.paths.items() if os.path.exists(path))
+        self.log(f'done: {written}; {summary}', flush=True)
