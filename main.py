@@ -3,6 +3,7 @@
     python main.py --batch_size 512 --epochs 800
 """
 import copy
+import functools
 import math
 import os
 import sys
@@ -18,7 +19,7 @@ import launch
 import monitor
 import plot
 import utils
-from model import ARCHS, SimSiam, simsiam_loss
+from model import ARCHS, MLP_BN, PREDICTORS, SIMILARITIES, SimSiam, simsiam_loss
 from run import Run, cosine_lr, first_non_finite
 
 UserError = launch.UserError
@@ -43,7 +44,20 @@ def parse_args(argv=None):
                    help='base learning rate; the optimiser uses lr x batch_size / 256')
     p.add_argument('--wd', type=launch.non_negative_float, default=5e-4, help='SGD weight decay')
     p.add_argument('--fix_pred_lr', action='store_true',
-                   help='keep the predictor at the initial lr instead of the cosine schedule')
+                   help='keep the predictor at the initial lr instead of the cosine schedule (Table 1)')
+    # The paper's ablations (Sec. 4); each default is SimSiam itself.
+    p.add_argument('--stop_grad', default='on', choices=('on', 'off'),
+                   help='off: no stop-gradient, z gets gradients too (Sec. 4.1, Fig. 2: it collapses)')
+    p.add_argument('--predictor', default='mlp', choices=PREDICTORS,
+                   help='mlp: trained; none: the identity; fixed: kept at its random initialisation, not in '
+                        'the optimizer (Sec. 4.2, Table 1)')
+    p.add_argument('--mlp_bn', default='default', choices=MLP_BN,
+                   help='BN in the heads: none; hidden (hidden layers only); default (projector hidden and '
+                        'output, predictor hidden); all (also the predictor output) (Sec. 4.4, Table 3)')
+    p.add_argument('--loss', default='cosine', choices=SIMILARITIES,
+                   help='similarity D: negative cosine, or xent = -softmax(z) . log softmax(p) (Sec. 4.5, Table 4)')
+    p.add_argument('--symmetric', default='on', choices=('on', 'off'),
+                   help='on: D(p1, z2)/2 + D(p2, z1)/2; off: D(p1, z2) alone (Sec. 4.6, Table 5)')
     launch.add_run_flags(p, "this run's state", utils.DATASETS, batch_size=512, epochs=800, dataset='cifar10',
                          data_root='data', helps={
                              'dataset': 'training data',
@@ -52,11 +66,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# The ablation switches and their SimSiam values: a run name says each one that differs.
+ABLATIONS = {'stop_grad': 'on', 'predictor': 'mlp', 'mlp_bn': 'default', 'loss': 'cosine', 'symmetric': 'on'}
+
+
 def run_name(args):
     """Output file prefix: differs whenever a setting that changes the run's result differs."""
     if args.name:
         return args.name
-    return f'{args.arch}_{args.dataset}_{args.feature_dim}_{args.k}_{args.batch_size}_{args.epochs}'
+    changed = ''.join(f'_{flag}-{getattr(args, flag)}' for flag, default in ABLATIONS.items()
+                      if getattr(args, flag) != default)
+    return (f'{args.arch}_{args.dataset}_{args.feature_dim}_{args.k}_{args.batch_size}_{args.epochs}{changed}'
+            + ('_fix_pred_lr' if args.fix_pred_lr else ''))
 
 
 def count_model(model, classes, device):
@@ -73,12 +94,13 @@ def count_model(model, classes, device):
 
 
 def build_optimizer(model, init_lr, momentum, wd, fix_pred_lr):
-    """SGD with momentum and weight decay on every parameter (paper Sec. 4, App. D)."""
+    """SGD with momentum and weight decay on every trained parameter (paper Sec. 4, App. D); a predictor
+    that is the identity or kept fixed has none in it, so it is neither trained nor decayed."""
     groups = [
         {'params': list(model.backbone.parameters()) + list(model.projector.parameters()), 'fix_lr': False},
-        {'params': list(model.predictor.parameters()), 'fix_lr': fix_pred_lr},
+        {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': fix_pred_lr},
     ]
-    return torch.optim.SGD(groups, lr=init_lr, momentum=momentum, weight_decay=wd)
+    return torch.optim.SGD([g for g in groups if g['params']], lr=init_lr, momentum=momentum, weight_decay=wd)
 
 
 def set_lr(optimizer, lr, init_lr):
@@ -87,7 +109,7 @@ def set_lr(optimizer, lr, init_lr):
 
 
 def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=distributed.SINGLE,
-                check_every=10, progress=True):
+                check_every=10, progress=True, loss_fn=None):
     """One pass of stop-gradient training over `steps` batches of ([x1, x2], labels).
 
     Returns the mean loss and the mean z_std (of both views) over the epoch's steps. The forward runs under
@@ -95,8 +117,10 @@ def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=di
     its slice of every global batch: the loss of a step is the mean over processes and z_std is that of
     the global batch (from summed monitor.z_moments). Losses and moments stay on the device and are summed
     over processes and checked for non-finite values every `check_every` steps (a host sync per step would
-    stall a GPU); the first bad step is named exactly, on every process alike.
+    stall a GPU); the first bad step is named exactly, on every process alike. loss_fn(p1, p2, z1, z2) is
+    simsiam_loss with the paper's settings unless given.
     """
+    loss_fn = loss_fn or simsiam_loss
     model.train()
     losses, stds, pending = [], [], []
     with tqdm(batches, total=steps, desc=f'Train Epoch [{epoch}/{epochs}]', dynamic_ncols=True,
@@ -104,7 +128,7 @@ def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=di
         for step, ((x1, x2), _) in enumerate(bar, 1):
             with speed.autocast():
                 p1, p2, z1, z2 = model(speed.layout(x1), speed.layout(x2))
-            loss = simsiam_loss(p1, p2, z1, z2)
+            loss = loss_fn(p1, p2, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,8 +157,10 @@ OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 
 
 
 def model_args(args):
+    """The SimSiam constructor's arguments: what a checkpoint needs to rebuild the model."""
     return {'arch': args.arch, 'feature_dim': args.feature_dim, 'pred_dim': args.pred_dim,
-            'proj_hidden_dim': args.proj_hidden_dim}
+            'proj_hidden_dim': args.proj_hidden_dim, 'predictor': args.predictor, 'mlp_bn': args.mlp_bn,
+            'stop_grad': args.stop_grad == 'on'}
 
 
 def main(args):
@@ -159,7 +185,7 @@ def pretrain(args, world, device):
          if world.distributed else ''), flush=True)
 
     torch.manual_seed(args.seed)
-    model = SimSiam(args.arch, args.feature_dim, args.pred_dim, args.proj_hidden_dim).to(device)
+    model = SimSiam(**model_args(args)).to(device)
     if world.main:
         counts = count_model(model, len(train.classes), device)
         log(f'params: backbone {counts["backbone_params_M"]:.2f} M, backbone + linear head '
@@ -179,6 +205,8 @@ def pretrain(args, world, device):
                               launch.worker_count(args.num_workers, world), world)
     net = speed.prepare(model, lambda m: distributed.data_parallel(m, world, device))
     knn_fn = speed.wrap(model.backbone if args.knn_feature == 'backbone' else model.encode)
+    loss_fn = functools.partial(simsiam_loss, similarity=args.loss, symmetric=args.symmetric == 'on',
+                                stop_grad=args.stop_grad == 'on')
     features = []
 
     def one_epoch(epoch):
@@ -187,7 +215,7 @@ def pretrain(args, world, device):
         batches, steps = source.epoch(epoch, args.batch_size)
         start = time.perf_counter()
         train_loss, z_std = train_epoch(net, batches, steps, optimizer, epoch, args.epochs, speed, world,
-                                        progress=world.main)
+                                        progress=world.main, loss_fn=loss_fn)
         train_time = time.perf_counter() - start
         row = {'epoch': epoch, 'train_loss': train_loss, 'test_acc@1': None, 'test_acc@5': None,
                'z_std': z_std, 'z_std_ratio': z_std * math.sqrt(args.feature_dim), 'lr': lr}

@@ -131,3 +131,95 @@ def test_counting_leaves_the_model_untouched():
     keys = set(model.state_dict())
     main.count_model(model, 4, torch.device('cpu'))
     assert set(model.state_dict()) == keys
+
+
+# ----------------------------------------------------------------------------- the paper's ablation switches
+
+def tiny(**switches):
+    torch.manual_seed(0)
+    return SimSiam('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16, **switches)
+
+
+def test_without_stop_gradient_z_gets_a_gradient():
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    _, _, z1, _ = tiny()(x1, x2)
+    assert not z1.requires_grad  # SimSiam: z is a constant target
+    model = tiny(stop_grad=False)
+    p1, p2, z1, z2 = model(x1, x2)
+    z1.retain_grad()
+    simsiam_loss(p1, p2, z1, z2, stop_grad=False).backward()
+    assert z1.grad is not None and float(z1.grad.abs().sum()) > 0
+    # the encoder's gradient no longer comes only through the predictor (compare the test above)
+    model = tiny(stop_grad=False)
+    with torch.no_grad():
+        model.predictor[3].weight.zero_()
+    p1, p2, z1, z2 = model(x1, x2)
+    simsiam_loss(p1, p2, z1, z2, stop_grad=False).backward()
+    assert float(model.projector[0].weight.grad.abs().sum()) > 0
+
+
+def test_predictor_none_is_the_identity():
+    model = tiny(predictor='none')
+    assert isinstance(model.predictor, nn.Identity) and not list(model.predictor.parameters())
+    p1, p2, z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert torch.equal(p1, z1) and torch.equal(p2, z2)
+    groups = main.build_optimizer(model, 0.1, 0.9, 5e-4, False).param_groups
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+
+
+def test_fixed_predictor_stays_at_its_initialisation_and_out_of_the_optimizer():
+    model = tiny(predictor='fixed')
+    trained = tiny()
+    for a, b in zip(model.predictor.parameters(), trained.predictor.parameters()):
+        assert torch.equal(a, b)  # the same random initialisation as a trained one
+    before = {k: v.clone() for k, v in model.predictor.named_parameters()}
+    optimizer = main.build_optimizer(model, 0.5, 0.9, 5e-4, fix_pred_lr=False)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g['params']}
+    assert not any(id(p) in in_optimizer for p in model.predictor.parameters())
+    backbone_before = model.backbone.conv1.weight.clone()
+    for _ in range(3):
+        p1, p2, z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+        optimizer.zero_grad()
+        simsiam_loss(p1, p2, z1, z2).backward()
+        optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.predictor.named_parameters())
+    assert not torch.equal(model.backbone.conv1.weight, backbone_before)  # the rest did train
+
+
+def layer_kinds(mlp):
+    """'L' for a Linear with a bias, 'l' without, 'B' for BatchNorm, 'R' for ReLU."""
+    return ''.join('B' if isinstance(m, nn.BatchNorm1d) else 'R' if isinstance(m, nn.ReLU) else
+                   'L' if m.bias is not None else 'l' for m in mlp)
+
+
+@pytest.mark.parametrize('mlp_bn,projector,predictor', [
+    ('none', 'LRL', 'LRL'),          # Table 3 (a): no BN in either head
+    ('hidden', 'lBRL', 'lBRL'),      # (b): on the hidden layers only
+    ('default', 'lBRlB', 'lBRL'),    # (c): also on the projector output: SimSiam
+    ('all', 'lBRlB', 'lBRlB'),       # (d): also on the predictor output
+])
+def test_bn_settings_put_bn_where_table_3_says(mlp_bn, projector, predictor):
+    model = tiny(mlp_bn=mlp_bn)
+    assert layer_kinds(model.projector) == projector
+    assert layer_kinds(model.predictor) == predictor
+
+
+def test_cross_entropy_similarity_by_hand():
+    p1, z2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])  # softmax(z2) = (1/4, 3/4)
+    p2, z1 = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    # -sum softmax(z) log softmax(p): log softmax(p1) = (1 - log(1 + e), -log(1 + e))
+    d12 = -(0.25 * (1 - math.log(1 + math.e)) + 0.75 * -math.log(1 + math.e))
+    d21 = math.log(2.0)  # uniform against uniform: the entropy of two classes
+    got = simsiam_loss(p1, p2, z1, z2, similarity='xent')
+    assert got.item() == pytest.approx(0.5 * d12 + 0.5 * d21, abs=1e-6)
+    z1.requires_grad_(True)
+    simsiam_loss(p1.requires_grad_(True), p2, z1, z2, similarity='xent').backward()
+    assert z1.grad is None  # z is stopped as with the cosine
+
+
+def test_asymmetric_loss_is_its_one_term():
+    torch.manual_seed(1)
+    p1, p2, z1, z2 = torch.randn(4, 5, 8).unbind(0)
+    one = -torch.nn.functional.cosine_similarity(p1, z2, dim=-1).mean()
+    assert simsiam_loss(p1, p2, z1, z2, symmetric=False).item() == pytest.approx(one.item(), abs=1e-6)
+    assert simsiam_loss(p1, p2, z1, z2).item() != pytest.approx(one.item(), abs=1e-3)

@@ -145,9 +145,9 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(folder_data
     real_loss = main.simsiam_loss
     calls = []
 
-    def diverging(*a):  # the 7th step of the run (epoch 2, step 3 of 4) diverges
+    def diverging(*a, **kw):  # the 7th step of the run (epoch 2, step 3 of 4) diverges
         calls.append(1)
-        loss = real_loss(*a)
+        loss = real_loss(*a, **kw)
         return loss * float('nan') if len(calls) == 7 else loss
     monkeypatch.setattr(main, 'simsiam_loss', diverging)
     with pytest.raises(main.UserError, match=r'the loss became nan at epoch 2, step 3; .* epoch 1 is kept'):

@@ -30,7 +30,8 @@ def test_folder_end_to_end(folder_data, tmp_path):
     assert 'speed: aug pil, amp off' in r.stdout
 
     ckpt = torch.load(out / f'{name}_model.pth', weights_only=True)
-    assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64}
+    assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64,
+                                  'predictor': 'mlp', 'mlp_bn': 'default', 'stop_grad': True}
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
 
     r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
