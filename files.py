@@ -1,8 +1,13 @@
-"""What a run leaves on disk, written so that a crash never leaves half of it: atomic files, checkpoints and
-their kinds, CSV and JSON logs."""
+"""What a run leaves on disk, written so that a crash never leaves half of it: atomic files, the saved set
+of an epoch written as one, checkpoints and their kinds, CSV and JSON logs, and the lock that keeps a
+second run off the same name."""
 import contextlib
+import errno
+import fcntl
+import glob
 import json
 import os
+import socket
 import tempfile
 
 import torch
@@ -30,16 +35,128 @@ def _file_mode():
 _UMASK_MODE = _file_mode()  # the mode open() would give a new file
 
 
+class WriteFailed(OSError):
+    """A file of a saved set could not be written; `path` is the file, the OSError says why."""
+
+    def __init__(self, path, error):
+        super().__init__(error.errno, error.strerror or str(error))
+        self.path = path
+
+    def __str__(self):
+        code = f' [{errno.errorcode[self.errno]}]' if self.errno in errno.errorcode else ''
+        return f'could not write {self.path!r} ({self.strerror}{code})'
+
+
+class _Recording:
+    """A file's write(), remembering the OSError it raised: torch.save turns it into an unhelpful
+    RuntimeError ('unexpected pos ...'), and this keeps the reason (ENOSPC, EFBIG, EDQUOT, EIO)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _temporary(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    os.fchmod(fd, _UMASK_MODE)  # mkstemp makes files private (0600); results are for sharing
+    return fd, tmp
+
+
+def _sync_folder(folder):
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_set(parts, journal):
+    """Write several files as one set: [(path, write(f))], each `write` filling a binary file.
+
+    Every file goes to a temporary name beside its path and is fsynced; only when all are complete is
+    the list of renames committed to `journal` (itself written atomically), and then carried out. So a
+    failure while writing (a full disk, a file-size limit) leaves the previous set untouched and no
+    temporary file, and raises WriteFailed naming the file and the reason; a kill at any instant leaves
+    either the previous set, or a committed journal that `recover_set` completes.
+    """
+    done = []
+    try:
+        for path, write in parts:
+            fd, tmp = _temporary(path)
+            done.append((tmp, path))
+            recording = None
+            try:
+                with os.fdopen(fd, 'wb') as f:
+                    recording = _Recording(f)
+                    write(recording)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise WriteFailed(path, e) from None
+            except RuntimeError:
+                if recording is None or recording.error is None:
+                    raise  # not a failed write: a bug
+                raise WriteFailed(path, recording.error) from None
+        try:
+            with atomic_open(journal, 'w') as f:
+                json.dump([[tmp, path] for tmp, path in done], f)
+        except OSError as e:
+            raise WriteFailed(journal, e) from None
+    except BaseException:
+        for tmp, _ in done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    _commit(done, journal)
+
+
+def _commit(renames, journal):
+    for tmp, path in renames:
+        if os.path.exists(tmp):
+            os.replace(tmp, path)
+    _sync_folder(os.path.dirname(os.path.abspath(journal)))
+    os.unlink(journal)
+
+
+def recover_set(journal, paths):
+    """Before a run uses its files (holding its lock): complete a set that a kill interrupted after its
+    commit, and remove the temporary files of one interrupted before it. Returns what it did, or None."""
+    if os.path.exists(journal):
+        try:
+            with open(journal) as f:
+                renames = [tuple(pair) for pair in json.load(f)]
+        except (OSError, ValueError):
+            renames = None  # never written whole: atomic_open makes that impossible, but do no harm
+        if renames is not None:
+            _commit(renames, journal)
+            return f'completed the saved set that an interruption left half renamed ({journal})'
+    stale = [tmp for path in paths for tmp in glob.glob(glob.escape(os.path.join(
+        os.path.dirname(path), '.' + os.path.basename(path))) + '.*.tmp')]
+    for tmp in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return f'removed {len(stale)} temporary file(s) of an interrupted save' if stale else None
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
     """Write to a temporary file beside `path`, flush and fsync it, then os.replace it into place.
 
     A crash at any instant leaves either the old file or the complete new one.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp = _temporary(path)
     try:
-        os.fchmod(fd, _UMASK_MODE)  # mkstemp makes files private (0600); results are for sharing
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -89,3 +206,61 @@ def write_json(obj, path):
     with atomic_open(path, 'w') as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write('\n')
+
+
+_HELD = set()  # the descriptors of the locks this process holds
+
+
+def _drop_inherited_locks():
+    """In a child made by fork (a DataLoader worker): close the copies of the parent's lock descriptors, so
+    that the lock dies with the parent and not with the last of its workers."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class RunLock:
+    """An OS file lock (flock) on `path` that keeps a second run off the same name. It dies with its
+    process (forked children do not keep it), so a killed run never leaves a lock behind that blocks the
+    next; the file says who holds it."""
+
+    def __init__(self, path, what):
+        self.path, self.what, self.fd = path, what, None
+
+    def acquire(self):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _UMASK_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise UserError(f'cannot lock {self.path!r} ({e.strerror})') from None
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'a process that has just started'
+                os.close(fd)
+                raise UserError(f'{self.what} is in use by another run ({holder}); wait for it to finish or '
+                                f'stop it, or pick another --name or --results_dir') from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that its last holder removed between our open and our lock
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()} on host {socket.gethostname()}\n'.encode())
+        self.fd = fd
+        _HELD.add(fd)
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # while still held, so no one locks a file that is going away
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None

@@ -144,20 +144,19 @@ def changed_entries(module, before):
 COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5', 'lr',
            'epoch_time']
 WALL_CLOCK = ('epoch_time',)
-OUTPUTS = {'csv': 'linear_statistics.csv', 'model': 'linear_model.pth', 'state': 'linear_state.pth',
-           'plot': 'linear_statistics.png', 'record': 'linear_args.json'}
+OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 'plot': 'statistics.png',
+           'record': 'args.json'}  # after <name>_linear
 
 
 def main(args):
-    with launch.processes(args.device, os.environ) as (world, device):
-        evaluate(args, world, device)
+    with launch.processes(args.device, os.environ) as (world, device), \
+            Run('linear.py', vars(args), args.results_dir, f'{args.name or output_name(args.model_path)}_linear',
+                OUTPUTS, 'simsiam_linear_state', COLUMNS, args.batch_size, world) as run:
+        evaluate(args, run, world, device)
 
 
-def evaluate(args, world, device):
-    name = args.name or output_name(args.model_path)
-    run = Run('linear.py', vars(args), args.results_dir, name, OUTPUTS, 'simsiam_linear_state', COLUMNS,
-              args.batch_size, world)
-    log = run.log
+def evaluate(args, run, world, device):
+    name, log = args.name or output_name(args.model_path), run.log
 
     def load_run():
         ckpt = files.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')

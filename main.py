@@ -164,15 +164,14 @@ def model_args(args):
 
 
 def main(args):
-    with launch.processes(args.device, os.environ) as (world, device):
-        pretrain(args, world, device)
+    with launch.processes(args.device, os.environ) as (world, device), \
+            Run('main.py', vars(args), args.results_dir, run_name(args), OUTPUTS, 'simsiam_state', COLUMNS,
+                args.batch_size, world) as run:
+        pretrain(args, run, world, device)
 
 
-def pretrain(args, world, device):
-    name = run_name(args)
-    run = Run('main.py', vars(args), args.results_dir, name, OUTPUTS, 'simsiam_state', COLUMNS, args.batch_size,
-              world)
-    log = run.log
+def pretrain(args, run, world, device):
+    name, log = run.name, run.log
     state = launch.on_main(run.find_state, world)
     train, test = run.load_data(args.dataset, args.data_root, args.batch_size)
     k = min(args.k, len(train))

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 
+import pandas as pd
 import torch
 
 import files
@@ -133,15 +134,29 @@ class Run:
     def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world):
         self.script, self.settings, self.results_dir, self.name = script, settings, results_dir, name
         self.paths = {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in outputs.items()}
+        self.journal = os.path.join(results_dir, f'.{name}.saving')  # the renames of a set being committed
+        self.lock = files.RunLock(os.path.join(results_dir, f'.{name}.lock'), os.path.join(results_dir, name))
         self.state_kind, self.columns, self.world = state_kind, columns, world
         self.log = launch.printer(world)
         self.rows, self.done = [], 0
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
         launch.check_divisible(batch_size, world)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
     def find_state(self):
-        """On rank 0: the results folder checked, and the saved state to continue from (or None)."""
+        """On rank 0: the results folder checked and this run's name locked for as long as the run lasts,
+        a save that an interruption cut short completed or cleaned away, and the saved state to continue
+        from (or None)."""
         files.check_writable(self.results_dir)
+        self.lock.acquire()
+        note = files.recover_set(self.journal, list(self.paths.values()))
+        if note:
+            print(note, flush=True)
         return find_state(self.settings['resume'], self.paths['state'], self.state_kind, self.script,
                           self.settings)
 
@@ -179,6 +194,11 @@ class Run:
         """What is on disk to continue from, for the interrupt line."""
         return f'epochs 1-{self.done} are saved in {self.paths["state"]}' if self.done else 'no epoch had completed'
 
+    def kept(self):
+        """What is on disk after a failure, for its line."""
+        return (f'{self.paths["state"]} holds epoch {self.done}, the last complete one (as do the CSV and the '
+                f'model)' if self.done else 'nothing was saved')
+
     def loop(self, epochs, train_epoch, checkpoint, plot, describe):
         """Run the epochs after the last one done.
 
@@ -198,19 +218,25 @@ class Run:
                     raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
                 self.rows.append(row)
                 with launch.signals_deferred():  # a signal now is taken once the epoch is saved and counted
-                    if self.world.main:
-                        self._save(epoch, *checkpoint())
+                    launch.on_main(lambda: self._save(epoch, *checkpoint()), self.world)
                     self.done = epoch
                 if self.world.main:
                     plot(self.rows)
                 self.log(describe(row), flush=True)
 
     def _save(self, epoch, model, state):
+        """The epoch's CSV, model and state, written as one set (files.write_set); a write that fails
+        stops the run with one line."""
         common = {'epoch': epoch, 'args': self.settings}
-        files.write_csv(self.rows, self.columns, self.paths['csv'])
-        files.save_checkpoint({**model, **common}, self.paths['model'])
-        files.save_checkpoint({'kind': self.state_kind, **state, 'rows': self.rows, 'rng': rng_state(), **common},
-                              self.paths['state'])
+        model = {**model, **common}
+        state = {'kind': self.state_kind, **state, 'rows': self.rows, 'rng': rng_state(), **common}
+        table = pd.DataFrame(self.rows, columns=self.columns).to_csv(index=False).encode()
+        try:
+            files.write_set([(self.paths['csv'], lambda f: f.write(table)),
+                             (self.paths['model'], lambda f: torch.save(model, f)),
+                             (self.paths['state'], lambda f: torch.save(state, f))], self.journal)
+        except files.WriteFailed as e:
+            raise UserError(f'{e}; training stopped and {self.kept()}') from None
 
     def finish(self, summary):
         """The final line: every file written, then `summary`."""

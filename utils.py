@@ -2,6 +2,9 @@
 dataset (the seed's CIFAR10Pair, here `AugmentedViews`), the PIL transforms, each epoch's batches and the
 source of augmented views for both augmentation paths, and the seeds every random draw derives from."""
 import os
+import pickle
+import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,23 +53,40 @@ class ImageSet:
         return len(self.labels)
 
 
-_CIFAR_FILES = {'cifar10': 'cifar-10-python.tar.gz', 'cifar100': 'cifar-100-python.tar.gz'}
-
-
 def load_cifar(name, root, train):
-    from torchvision.datasets import CIFAR10, CIFAR100
-    cls = CIFAR10 if name == 'cifar10' else CIFAR100
-    try:
-        ds = cls(root, train=train, download=False)
-    except RuntimeError:
+    """A CIFAR split from torchvision's files in `root`: the extracted batches, else the archive (verified
+    and unpacked), else downloaded. A file there that fails torchvision's MD5 check or cannot be read is
+    named, with the fix; nothing is deleted."""
+    import torchvision.datasets.cifar as cifar  # check_integrity looked up here, where tests can replace it
+    cls = cifar.CIFAR10 if name == 'cifar10' else cifar.CIFAR100
+    archive, folder = os.path.join(root, cls.filename), os.path.join(root, cls.base_folder)
+    where = os.path.abspath(root)
+    refetch = f'delete it and fetch {cls.filename} again from {cls.url} into {where}/'
+    batches = [(os.path.join(folder, file), md5) for file, md5 in cls.train_list + cls.test_list]
+    if not all(os.path.isfile(path) and cifar.check_integrity(path, md5) for path, md5 in batches):
+        damaged = [path for path, md5 in batches if os.path.exists(path) and not cifar.check_integrity(path, md5)]
+        if os.path.exists(archive) and not cifar.check_integrity(archive, cls.tgz_md5):
+            raise UserError(f'{archive!r} is damaged (its MD5 sum is not the published one: truncated or '
+                            f'another file); {refetch}')
+        if damaged and not os.path.exists(archive):
+            raise UserError(f'{damaged[0]!r} is damaged (its MD5 sum is not the published one); delete '
+                            f'{folder!r} and put {cls.filename} in {where}/ (or let the script download it)')
         try:
-            # torchvision skips the download when a verified archive is already in root.
-            ds = cls(root, train=train, download=True)
+            # torchvision skips the download when a verified archive is already in root, and unpacks it
+            cls(root, train=train, download=True)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise UserError(f'{archive!r} cannot be unpacked ({e}): it is damaged; {refetch}') from None
         except (OSError, RuntimeError) as e:
             reason = str(getattr(e, 'reason', e)).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(
                 f'{name} is not in {root!r} and could not be downloaded ({reason}); on a machine with '
-                f'internet fetch {cls.url} and put {_CIFAR_FILES[name]} in {os.path.abspath(root)}/') from None
+                f'internet fetch {cls.url} and put {cls.filename} in {where}/') from None
+    try:
+        ds = cls(root, train=train, download=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError, OSError) as e:
+        raise UserError(f'the {name} files in {folder!r} cannot be read ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "damaged"}); delete {folder!r} and put '
+                        f'{cls.filename} in {where}/ (or let the script download it)') from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return ImageSet(images, labels, list(ds.classes))
@@ -97,7 +117,9 @@ def load_folder(root, train, classes=None):
                 with Image.open(path) as img:
                     img = img.convert('RGB').resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
             except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise UserError(f'cannot read image {path!r}: {e}') from None
+                why = 'it is empty' if os.path.getsize(path) == 0 else str(e).replace(repr(path), '').strip() or 'damaged'
+                raise UserError(f'cannot read image {path!r} ({why}): replace it with a readable image or '
+                                f'move it out of {split!r}') from None
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
     if not images:

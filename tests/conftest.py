@@ -90,6 +90,19 @@ def folder_data(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp('folder'), 8, 4)
 
 
+PIL = ['--aug', 'pil', '--num_workers', '2']  # augmentation in DataLoader worker processes
+
+
+@pytest.fixture(scope='session')
+def uninterrupted_pil(folder_data, tmp_path_factory):
+    """A finished 3-epoch TINY pretraining run 'run' on the PIL path: what interrupted runs must end equal to."""
+    out = tmp_path_factory.mktemp('whole')
+    r = run_script('main.py', *TINY, *PIL, '--data_root', folder_data, '--results_dir', out, '--epochs', 3,
+                   '--name', 'run')
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 @pytest.fixture(scope='session')
 def finished(folder_data, tmp_path_factory):
     """A results folder with a finished 2-epoch pretraining run 'run' and its 2-epoch linear evaluation."""
@@ -107,7 +120,10 @@ def finished(folder_data, tmp_path_factory):
 def cifar_files_ok(monkeypatch):
     """Accept generated CIFAR files: torchvision checks the real files' MD5 sums."""
     import torchvision.datasets.cifar as cifar
-    monkeypatch.setattr(cifar, 'check_integrity', lambda fpath, md5=None: os.path.isfile(fpath))
+    import torchvision.datasets.utils as tv_utils
+    exists = lambda fpath, md5=None: os.path.isfile(fpath)
+    monkeypatch.setattr(cifar, 'check_integrity', exists)
+    monkeypatch.setattr(tv_utils, 'check_integrity', exists)  # the download's own check of an archive
 
 
 def run_script(script, *args, timeout=600, **kwargs):
@@ -133,3 +149,25 @@ def png_size(path):
         head = f.read(24)
     assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR', f'{path} is not a PNG'
     return struct.unpack('>II', head[16:24])
+
+
+def start(script, args):
+    """Start one of the scripts as a user would, reading its output as it comes."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, text, timeout=300):
+    """Read stdout until a line containing `text`; returns the lines read."""
+    import time
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f'{text!r} never appeared; stdout: {"".join(lines)}; stderr: {proc.stderr.read()}')

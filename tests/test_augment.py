@@ -151,3 +151,14 @@ def test_same_generator_state_same_views_on_any_batch_split():
     assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
     lin = augment.linear_augment(images, torch.Generator().manual_seed(7))
     assert lin.shape == (16, 3, 32, 32)
+
+
+def test_whole_batch_jitter_equals_the_per_subset_one_on_the_same_parameters(batch):
+    # The GPU's default (every operation on the whole batch, a mask keeping the right result) and the CPU's
+    # (each operation on just the images that take it), forced here on the CPU.
+    g = torch.Generator().manual_seed(5)
+    params = augment.sample_jitter(len(batch), augment.PRETRAIN['jitter'], augment.PRETRAIN['jitter_p'], g, 'cpu')
+    whole = augment.color_jitter(batch, *params, select=False)
+    subset = augment.color_jitter(batch, *params, select=True)
+    assert not torch.equal(whole, batch)
+    torch.testing.assert_close(whole, subset, atol=1e-6, rtol=0)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import distributed
-import main
 import files
+import linear
+import main
 from conftest import ROOT, TINY, csv_without
 from dist_checks import check
 
@@ -93,15 +94,25 @@ def test_two_process_pretraining_repeats_itself_and_rank_0_writes(uninterrupted,
         csv_without(tmp_path / 'job_statistics.csv', main.WALL_CLOCK)
 
 
-def test_two_process_linear_evaluation(uninterrupted, tmp_path):
-    r = torchrun('linear.py', '--model_path', uninterrupted / 'job_model.pth', '--results_dir', tmp_path,
-                 '--epochs', '2', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0')
+def linear_evaluation(uninterrupted, out):
+    return ['--model_path', uninterrupted / 'job_model.pth', '--results_dir', out, '--epochs', '2', '--batch_size',
+            '8', '--device', 'cpu', '--num_workers', '0']
+
+
+@pytest.fixture(scope='module')
+def two_process_linear(uninterrupted, tmp_path_factory):
+    out = tmp_path_factory.mktemp('linear')
+    r = torchrun('linear.py', *linear_evaluation(uninterrupted, out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('done: ') == 1
-    stats = pd.read_csv(tmp_path / 'job_linear_statistics.csv')
+    return out
+
+
+def test_two_process_linear_evaluation(two_process_linear):
+    stats = pd.read_csv(two_process_linear / 'job_linear_statistics.csv')
     assert stats['epoch'].tolist() == [1, 2]
     assert stats[['train_acc@1', 'test_acc@1']].notna().all().all()
-    assert (tmp_path / 'job_linear_model.pth').exists()
+    assert (two_process_linear / 'job_linear_model.pth').exists()
 
 
 def test_batch_that_does_not_split_over_the_processes_is_refused_once(folder_data, tmp_path):
@@ -157,3 +168,68 @@ def test_a_killed_rank_ends_the_job_and_the_resumed_run_is_the_same_run(uninterr
     assert csv_without(csv, main.WALL_CLOCK) == csv_without(uninterrupted / 'job_statistics.csv', main.WALL_CLOCK)
     resumed, whole = (torch.load(d / 'job_model.pth', weights_only=True)['state_dict'] for d in (tmp_path, uninterrupted))
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+# ----------------------------------------------------------------------------- two nodes on one machine
+
+def readme_multinode_command(port):
+    """README.md's multi-node torchrun command, for one process per node on this machine."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        line = next(line.split() for line in f if line.strip().startswith('torchrun --nnodes=2'))
+    launcher = line[1:line.index('main.py')]
+    assert '--nproc_per_node=8' in launcher and '--rdzv_endpoint=HOST:PORT' in launcher, line
+    launcher = [{'--nproc_per_node=8': '--nproc_per_node=1', '--rdzv_endpoint=HOST:PORT':
+                 f'--rdzv_endpoint=127.0.0.1:{port}'}.get(a, a) for a in launcher]
+    return [sys.executable, '-m', 'torch.distributed.run', *launcher]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(script, args):
+    """Two torchrun agents, as two nodes would start them, on this machine."""
+    command = [*readme_multinode_command(free_port()), script, *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    return [subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(2)]
+
+
+def finish(agents, timeout=300):
+    outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    return [agent.returncode for agent in agents], outputs
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes through /proc')
+def test_two_nodes_kill_one_agent_resume_and_match_one_node(uninterrupted, folder_data, tmp_path):
+    args = pretraining(folder_data, tmp_path)
+    agents = two_nodes('main.py', args)
+    csv = tmp_path / 'job_statistics.csv'
+    deadline = time.time() + 300
+    while not csv.exists() and time.time() < deadline and all(a.poll() is None for a in agents):
+        time.sleep(0.2)
+    assert csv.exists(), finish(agents)[1]
+    rank1 = next(a for a in agents if 1 in worker_pids(a.pid))  # the node whose worker is rank 1
+    rank1.send_signal(signal.SIGTERM)  # a scheduler stopping that node
+    start = time.time()
+    codes, outputs = finish(agents, timeout=120)
+    assert all(code != 0 for code in codes) and time.time() - start < 90, outputs
+    state = files.load_checkpoint(str(tmp_path / 'job_state.pth'), ('simsiam_state',), '--resume')
+    assert 1 <= state['epoch'] < 3 and len(pd.read_csv(csv)) == state['epoch']
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+    codes, outputs = finish(two_nodes('main.py', [*args, '--resume', 'auto']))
+    assert codes == [0, 0], outputs
+    assert sum(out.count(f'resuming after epoch {state["epoch"]} of 3') for out, _ in outputs) == 1
+    # two nodes of one process compute what one node of two processes computes, digit for digit
+    assert csv_without(csv, main.WALL_CLOCK) == csv_without(uninterrupted / 'job_statistics.csv', main.WALL_CLOCK)
+
+
+def test_two_nodes_linear_evaluation_matches_one_node(uninterrupted, two_process_linear, tmp_path):
+    codes, outputs = finish(two_nodes('linear.py', linear_evaluation(uninterrupted, tmp_path)))
+    assert codes == [0, 0], outputs
+    assert csv_without(tmp_path / 'job_linear_statistics.csv', linear.WALL_CLOCK) == \
+        csv_without(two_process_linear / 'job_linear_statistics.csv', linear.WALL_CLOCK)

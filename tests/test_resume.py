@@ -11,30 +11,7 @@ import torch
 import launch
 import linear
 import main
-from conftest import ROOT, TINY, csv_without, run_script
-
-PIL = ['--aug', 'pil', '--num_workers', '2']  # augmentation in DataLoader worker processes
-
-
-def start(script, args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_line(proc, text, timeout=300):
-    """Read stdout until a line containing `text`; returns the lines read."""
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f'{text!r} never appeared; stdout: {"".join(lines)}; stderr: {proc.stderr.read()}')
-
+from conftest import PIL, ROOT, TINY, csv_without, run_script, start, wait_for_line
 
 def same_csv(a, b, wall_clock):
     """Digit for digit the same in every column but the wall-clock ones (which no two runs share)."""
@@ -47,13 +24,9 @@ def weights(path):
     return torch.load(path, weights_only=True)['state_dict']
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(folder_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('whole')
-    r = run_script('main.py', *TINY, *PIL, '--data_root', folder_data, '--results_dir', out, '--epochs', 3,
-                   '--name', 'run')
-    assert r.returncode == 0, r.stderr
-    return out
+@pytest.fixture
+def uninterrupted(uninterrupted_pil):
+    return uninterrupted_pil
 
 
 def test_sigkill_mid_epoch_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):

@@ -76,3 +76,37 @@ def test_cosine_lr():
     assert run.cosine_lr(0.06, 400, 800) == pytest.approx(0.03)
     assert run.cosine_lr(0.06, 200, 800) == pytest.approx(0.03 * (1 + math.sqrt(0.5)))
     assert run.cosine_lr(0.06, 799, 800) < 1e-5
+
+
+# ----------------------------------------------------------------------------- what the device decides
+
+def test_auto_speed_settings_follow_the_device_type():
+    cuda = launch.resolve_speed(torch.device('cuda', 0))  # a device object needs no GPU
+    assert (cuda.aug, cuda.amp, cuda.channels_last, cuda.compile) == ('batched', True, True, False)
+    cpu = launch.resolve_speed(torch.device('cpu'))
+    assert (cpu.aug, cpu.amp, cpu.channels_last) == ('batched', False, False)
+    forced = launch.resolve_speed(torch.device('cpu'), 'pil', 'on', 'on', True)
+    assert (forced.aug, forced.amp, forced.channels_last, forced.compile) == ('pil', True, True, True)
+
+
+def test_sync_batchnorm_is_torchs_on_cuda_and_ours_on_the_cpu():
+    import distributed
+    from model import SimSiam
+
+    def kinds(device):
+        torch.manual_seed(0)
+        model = distributed.sync_batchnorm(SimSiam('resnet18', 32, 8, 16), device)
+        return {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds(torch.device('cuda')) == {torch.nn.SyncBatchNorm}  # the conversion alone needs no GPU
+    assert kinds(torch.device('cpu')) == {distributed.CPUSyncBatchNorm}
+
+
+def test_channels_last_forced_on_the_cpu_trains_like_the_default(folder_data, finished, tmp_path):
+    import main
+    import pandas as pd
+    from conftest import TINY
+    main.main(main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '2',
+                               '--name', 'run', '--channels_last', 'on', '--knn_every', '2']))
+    nhwc, nchw = (pd.read_csv(d / 'run_statistics.csv') for d in (tmp_path, finished))
+    assert nhwc['train_loss'].tolist() == pytest.approx(nchw['train_loss'].tolist(), abs=1e-4)
+    assert nhwc['test_acc@1'].iloc[-1] == nchw['test_acc@1'].iloc[-1]
