@@ -7,17 +7,23 @@ Prints one table per part and the ratios against the seed-equivalent configurati
 augmentation in DataLoader workers, float32, two forward passes). Repeated measurements are interleaved
 and the median is reported, so a machine that slows down for a while slows every configuration alike.
 """
+import collections
+import contextlib
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
+import pandas as pd
 import torch
 
 import augment
 import launch
 import main as pretrain
 import monitor
+import plot
 import utils
 from model import ARCHS, SimSiam
 
@@ -40,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument('--configs', default='seed,fast,fast+channels_last,fast+compile',
                    help='training configurations to time (seed, fast, and fast+<change>, where <change> '
                         'is channels_last, no_channels_last, amp, no_amp, compile or pil)')
+    p.add_argument('--parts', default='aug,train,knn,fixed,phases',
+                   help='what to measure: aug (augmentation), train (training configurations), knn, fixed (the '
+                        "epoch's fixed costs: saving and plotting, blocking against background), phases (one "
+                        'real epoch of main.py, phase by phase)')
+    p.add_argument('--rows', type=launch.positive_int, default=800,
+                   help='CSV rows (epochs) of the run whose fixed costs are measured')
     return p.parse_args(argv)
 
 
@@ -218,18 +230,169 @@ def bench_knn(args, device):
                                 ['similarities + top-k + votes', f'{t["search"]:.3f}']])
 
 
+# ----------------------------------------------------------------------------- the epoch's fixed costs
+
+def fake_rows(n):
+    return [{'epoch': e, 'train_loss': -e / n, 'test_acc@1': 50.0, 'test_acc@5': 90.0, 'z_std': 0.02,
+             'z_std_ratio': 0.9, 'lr': 0.06, 'train_time': 10.0, 'knn_time': 1.0, 'epoch_time': 11.0,
+             'images_per_s': 5000.0, 'save_time': 0.0} for e in range(1, n + 1)]
+
+
+@contextlib.contextmanager
+def saving(model, optimizer, arch, folder, background):
+    """A run.Run of main.py in `folder` and the checkpoint() main.py hands it, for `model`."""
+    from distributed import SINGLE
+    from run import Run
+    args = pretrain.parse_args(['--arch', arch])
+    common = {'model_args': pretrain.model_args(args), 'dataset': 'cifar10', 'classes': [str(i) for i in range(10)]}
+    checkpoint = lambda: ({'kind': 'simsiam_model', 'state_dict': model.state_dict(), **common},
+                          {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), **common})
+    with contextlib.redirect_stdout(None):  # Run prints the arguments, as a script's run does
+        r = Run('main.py', vars(args), folder, f'bench_{background}', pretrain.OUTPUTS, 'simsiam_state',
+                pretrain.COLUMNS, 1, SINGLE, background)
+    with r:
+        r.painter = plot.Painter(every=0)  # every repetition draws
+        yield r, checkpoint
+
+
+def trained_model(arch, device):
+    torch.manual_seed(0)
+    model = SimSiam(arch).to(device)
+    optimizer = pretrain.build_optimizer(model, 0.06, 0.9, 5e-4, False)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the momentum buffers exist, as in a real state
+    return model, optimizer
+
+
+def draw(r, seconds=None):
+    """The statistics picture of r's rows; the seconds it took appended to `seconds`."""
+    def run():
+        start = time.perf_counter()
+        plot.plot_pretrain(pd.DataFrame(r.rows), r.paths['plot'])
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
+    return run
+
+
+def bench_fixed_costs(args, device):
+    """What the loop waits for at the end of an epoch of `args.arch` with args.rows CSV rows: the saved set
+    written on the training thread with the model every epoch and the plot redrawn there (as before),
+    against the set handed to the background writer (the model every --save_every epochs) and the plot
+    drawn by the painter thread (now). Both through the scripts' own code (run.Run.save, plot), in turn."""
+    model, optimizer = trained_model(args.arch, device)
+    times = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory(dir='.') as folder, \
+            saving(model, optimizer, args.arch, folder, False) as (before, checkpoint), \
+            saving(model, optimizer, args.arch, folder, True) as (now, _):
+        for repeat in range(args.repeats + 1):  # the first is a warm-up
+            for r in (before, now):
+                r.rows = fake_rows(args.rows)
+                start = time.perf_counter()
+                r.save(args.rows, r is before, *checkpoint())  # the model file: every epoch before, now 1 in N
+                saved = time.perf_counter()
+                key = 'before' if r is before else 'now'
+                drawing = draw(r, times[f'{key} plot'] if repeat else None)
+                if r is before:
+                    drawing()
+                else:
+                    r.painter.post(drawing)
+                posted = time.perf_counter()
+                r.settle()
+                written = time.perf_counter()
+                r.painter.stop()
+                if repeat:
+                    times[f'{key} save'].append(saved - start)
+                    times[f'{key} wait'].append(posted - start)
+                    times[f'{key} write'].append(written - posted)
+        size = {r: sum(os.path.getsize(r.paths[k]) for k in ('csv', 'state')) for r in (before, now)}
+        size[before] += os.path.getsize(before.paths['model'])
+    t = {k: statistics.median(v) for k, v in times.items()}
+    table(f"the epoch's fixed costs: {args.arch}, {args.rows} CSV rows, {device} (medians of {args.repeats})",
+          ['seconds, bytes', 'blocking (as before)', 'background (now)'],
+          [['the loop waits per epoch, s', f'{t["before wait"]:.3f}', f'{t["now wait"]:.3f} (host copy of the set)'],
+           ['saved set written, s', f'{t["before save"]:.3f} (model + state, on the loop)',
+            f'{t["now write"]:.3f} (state, writer thread)'],
+           ['statistics plot drawn, s', f'{t["before plot"]:.3f} (on the loop)', f'{t["now plot"]:.3f} (painter thread)'],
+           ['written per epoch, MB', f'{size[before] / 1e6:.0f}',
+            f'{size[now] / 1e6:.0f} (+ the model 1 epoch in --save_every)']])
+    return t['before wait'], t['now wait']
+
+
+def bench_phases(args, device):
+    """One real epoch of main.py's step, phase by phase (the device synchronised between phases), the kNN
+    monitor, and what the loop waits for at the epoch's end, with the share of each."""
+    n = args.images or 8 * args.batch_size
+    data, bank, test = random_images(n), random_images(args.knn_bank, 1), random_images(args.knn_queries, 2)
+    speed = config_speed('fast', device)
+    model, optimizer = trained_model(args.arch, device)
+    net = speed.prepare(model)
+    source = utils.ViewSource(data, 'pretrain', speed.aug, 0, device, args.num_workers)
+    phases = {}
+
+    def timed(phase, fn):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+        return out
+    with tempfile.TemporaryDirectory(dir='.') as folder, saving(model, optimizer, args.arch, folder, True) as (r, checkpoint):
+        for epoch in (1, 2):  # the first warms up (cuDNN autotuning, allocations, compilation)
+            phases.clear()
+            net.train()
+            batches, steps = source.epoch(epoch, args.batch_size)
+            batches = iter(batches)
+            for _ in range(steps):
+                (x1, x2), _ = timed('augmentation', lambda: next(batches))
+                with speed.autocast():
+                    p1, p2, z1, z2 = timed('forward', lambda: net(speed.layout(x1), speed.layout(x2)))
+                loss = timed('forward', lambda: pretrain.simsiam_loss(p1, p2, z1, z2))
+                optimizer.zero_grad(set_to_none=True)
+                timed('backward', loss.backward)
+                timed('optimizer', optimizer.step)
+            model.eval()
+            fn = speed.wrap(model.backbone)
+            feats = timed('kNN embedding', lambda: (monitor.embed(fn, bank.images, args.batch_size, device),
+                                                    monitor.embed(fn, test.images, args.batch_size, device)))
+            timed('kNN search', lambda: monitor.knn_predict(feats[1], feats[0], bank.labels.to(device), 10,
+                                                            min(200, len(bank)), 0.1))
+            r.rows = fake_rows(args.rows)
+            timed('save (the loop waits)', lambda: r.save(args.rows, False, *checkpoint()))
+            timed('plot (the loop waits)', lambda: r.painter.post(draw(r)))
+            r.settle()
+            r.painter.stop()
+    total = sum(phases.values())
+    table(f'one epoch, phase by phase: {args.arch}, {n} images, batch {args.batch_size}, kNN bank {len(bank)}, '
+          f'{len(test)} queries, {device}', ['phase', 'seconds', 'share'],
+          [[k, f'{v:.3f}', f'{100 * v / total:.1f}%'] for k, v in phases.items()] + [['total', f'{total:.3f}', '']])
+    return phases
+
+
 def main(args):
     device = launch.resolve_device(args.device)
     print(f'torch {torch.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
           + f', {launch.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
-    aug_ratio = bench_augmentation(args, device)
-    times = bench_training(args, device)
-    bench_knn(args, device)
+    parts = set(args.parts.split(','))
+    unknown = parts - {'aug', 'train', 'knn', 'fixed', 'phases'}
+    if unknown:
+        raise launch.UserError(f'--parts: unknown {", ".join(sorted(unknown))}')
+    aug_ratio = bench_augmentation(args, device) if 'aug' in parts else None
+    times = bench_training(args, device) if 'train' in parts else {}
+    if 'knn' in parts:
+        bench_knn(args, device)
+    fixed = bench_fixed_costs(args, device) if 'fixed' in parts else None
+    if 'phases' in parts:
+        bench_phases(args, device)
     print('\nratios')
-    print(f'  batched / PIL augmentation, CPU, one thread: {aug_ratio:.1f}x')
+    if aug_ratio is not None:
+        print(f'  batched / PIL augmentation, CPU, one thread: {aug_ratio:.1f}x')
     if 'seed' in times and 'fast' in times:
         print(f'  fast / seed-equivalent training throughput: {times["seed"] / times["fast"]:.2f}x')
+    if fixed is not None:
+        print(f'  blocking per epoch, blocking / background saving and plotting: {fixed[0]:.2f} s / '
+              f'{fixed[1]:.3f} s = {fixed[0] / fixed[1]:.0f}x')
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f'  peak resident memory of this process: {rss:.2f} GiB')
 

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 
 import torch
 
@@ -147,6 +148,71 @@ def recover_set(journal, paths):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return f'removed {len(stale)} temporary file(s) of an interrupted save' if stale else None
+
+
+def host_copy(obj, into=None, memo=None):
+    """A copy of `obj` (dicts, lists and tuples of tensors and plain values) that training can no longer
+    change: every tensor copied to host memory. Where `into`, an earlier copy of the same structure, holds
+    a tensor of the same shape and dtype, it is copied into that one, so a copy each epoch reuses its
+    memory. A tensor met twice (the weights in both the model file and the state) is copied once. A CUDA
+    tensor goes to pinned memory without waiting: synchronise before reading (BackgroundWriter does)."""
+    memo = {} if memo is None else memo
+    if torch.is_tensor(obj):
+        if id(obj) not in memo:
+            if torch.is_tensor(into) and into.shape == obj.shape and into.dtype == obj.dtype and into is not obj:
+                out = into
+            else:
+                out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            memo[id(obj)] = out.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: host_copy(v, into.get(k), memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(host_copy(v, i, memo) for v, i in zip(obj, into))
+    return obj
+
+
+class BackgroundWriter:
+    """Writes saved sets on one thread beside the training, one set at a time.
+
+    `start(job)` runs job() on the thread (after the CUDA copies queued so far are done); `wait()` blocks
+    until it has finished and returns the WriteFailed it raised, or None; any other exception it raised
+    is raised again here. With background=False, start runs the job at once (the blocking way, kept for
+    benchmark.py's side-by-side measurement)."""
+
+    def __init__(self, background=True):
+        self.background = background
+        self._thread, self._error = None, None
+
+    def start(self, job):
+        assert self._thread is None, 'wait() for the previous set first'
+        ready = torch.cuda.Event() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        if ready is not None:
+            ready.record()  # the snapshot's device-to-host copies
+
+        def run():
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                job()
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+        if self.background:
+            self._thread = threading.Thread(target=run, name='saving', daemon=True)
+            self._thread.start()
+        else:
+            run()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and not isinstance(error, WriteFailed):
+            raise error
+        return error
 
 
 @contextlib.contextmanager

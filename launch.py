@@ -126,6 +126,9 @@ def add_run_flags(p, state, datasets, batch_size, epochs, dataset, data_root, he
     p.add_argument('--data_root', default=data_root, help=helps['data_root'])
     p.add_argument('--results_dir', default='results', help='where the CSV logs, checkpoints and plots go')
     p.add_argument('--name', default=None, help=helps['name'])
+    p.add_argument('--save_every', type=positive_int, default=50,
+                   help='write the model file every N epochs, and always after the last and at an interrupt '
+                        '(the state, which holds the weights too, is written after every epoch)')
     p.add_argument('--num_workers', type=non_negative_int, default=None,
                    help='DataLoader worker processes of the pil path (default: the CPUs this process may '
                         'use, shared among the processes torchrun starts on this node)')
@@ -259,6 +262,11 @@ def signals_deferred():
             handler(held[0], None)
         elif handler == signal.SIG_DFL:
             os.kill(os.getpid(), held[0])
+
+
+def signals_ignored():
+    """SIGINT and SIGTERM have no effect while the block runs (waiting for the last save on the way out)."""
+    return _handling(lambda signum, frame: None)
 
 
 def ignore_signals_in_worker(worker_id):

@@ -26,7 +26,8 @@ UserError = launch.UserError
 def parse_args(argv=None):
     p = launch.Parser(description='Linear evaluation of a SimSiam checkpoint written by main.py.')
     p.add_argument('--model_path', default='results/resnet50_cifar10_2048_200_512_800_model.pth',
-                   help='a <name>_model.pth written by main.py')
+                   help='a <name>_model.pth written by main.py, or its <name>_state.pth to evaluate a run '
+                        'at its latest epoch')
     p.add_argument('--lr', type=launch.positive_float, default=30.0,
                    help='base learning rate; the optimiser uses lr x batch_size / 256')
     launch.add_run_flags(p, "this evaluation's state", utils.DATASETS, batch_size=256, epochs=90, dataset=None,
@@ -37,20 +38,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PRETRAINED = ('simsiam_model', 'simsiam_state')  # a finished model, or the state of a run at its latest epoch
+
+
 def output_name(model_path):
-    """<name> of `<name>_model.pth`, so evaluations of different models never overwrite each other."""
+    """<name> of `<name>_model.pth` (or of `<name>_state.pth`), so evaluations of different models never
+    overwrite each other."""
     base = os.path.basename(model_path)
-    for suffix in ('_model.pth', '.pth', '.pt'):
+    for suffix in ('_model.pth', '_state.pth', '.pth', '.pt'):
         if base.endswith(suffix):
             return base[:-len(suffix)]
     return base
 
 
 def load_backbone(ckpt, path):
-    """Rebuild the backbone a main.py checkpoint describes and load its weights strictly."""
+    """Rebuild the backbone a main.py checkpoint (model or state) describes and load its weights strictly."""
     try:
         arch = ckpt['model_args']['arch']
-        state = ckpt['state_dict']
+        state = ckpt['state_dict'] if ckpt['kind'] == 'simsiam_model' else ckpt['model']
         backbone, dim = cifar_resnet(arch)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f'--model_path {path!r} does not describe a SimSiam model ({e})') from None
@@ -142,8 +147,8 @@ def changed_entries(module, before):
 
 
 COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5', 'lr',
-           'epoch_time']
-WALL_CLOCK = ('epoch_time',)
+           'epoch_time', 'save_time']
+WALL_CLOCK = ('epoch_time', 'save_time')
 OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 'plot': 'statistics.png',
            'record': 'args.json'}  # after <name>_linear
 
@@ -159,7 +164,7 @@ def evaluate(args, run, world, device):
     name, log = args.name or output_name(args.model_path), run.log
 
     def load_run():
-        ckpt = files.load_checkpoint(args.model_path, ('simsiam_model',), '--model_path')
+        ckpt = files.load_checkpoint(args.model_path, PRETRAINED, '--model_path')
         load_backbone(ckpt, args.model_path)  # refuse a checkpoint that does not fit before anything else
         return ckpt, run.find_state()
     ckpt, state = launch.on_main(load_run, world)
@@ -223,7 +228,7 @@ def evaluate(args, run, world, device):
                 f'{row["train_acc@1"]:.2f}% | test loss {row["test_loss"]:.4f} acc@1 {row["test_acc@1"]:.2f}% '
                 f'acc@5 {row["test_acc@5"]:.2f}% ({row["epoch_time"]:.1f} s)')
 
-    run.loop(args.epochs, one_epoch, checkpoint, lambda rows: plot.plot_linear(
+    run.loop(args.epochs, args.save_every, one_epoch, checkpoint, lambda rows: plot.plot_linear(
         pd.DataFrame(rows, columns=COLUMNS), run.paths['plot'], f'{name} linear evaluation'), describe)
     if world.main:
         best = max(run.rows, key=lambda r: r['test_acc@1'])

@@ -146,10 +146,12 @@ def train_epoch(model, batches, steps, optimizer, epoch, epochs, speed, world=di
     return torch.cat(losses).mean().item(), torch.cat(stds).mean().item()
 
 
-# The seed's columns, then the collapse monitor, the schedule and the clock (train and kNN separately).
+# The seed's columns, then the collapse monitor, the schedule and the clock (train and kNN separately, and
+# the seconds the loop waited for saving at the epoch's end).
 COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5', 'z_std', 'z_std_ratio', 'lr',
-           'train_time', 'knn_time', 'epoch_time', 'images_per_s']
-WALL_CLOCK = ('train_time', 'knn_time', 'epoch_time', 'images_per_s')  # the only columns that vary run to run
+           'train_time', 'knn_time', 'epoch_time', 'images_per_s', 'save_time']
+# the only columns that vary run to run
+WALL_CLOCK = ('train_time', 'knn_time', 'epoch_time', 'images_per_s', 'save_time')
 
 
 OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 'plot': 'statistics.png',
@@ -243,7 +245,7 @@ def pretrain(args, run, world, device):
         return (f'epoch {row["epoch"]}/{args.epochs}: loss {row["train_loss"]:.4f}{acc} z_std_ratio '
                 f'{row["z_std_ratio"]:.3f} ({row["train_time"]:.1f} s train, {row["knn_time"]:.1f} s kNN)')
 
-    run.loop(args.epochs, one_epoch, checkpoint,
+    run.loop(args.epochs, args.save_every, one_epoch, checkpoint,
              lambda rows: plot.plot_pretrain(pd.DataFrame(rows, columns=COLUMNS), run.paths['plot'], name), describe)
     if not world.main:
         return

@@ -7,13 +7,15 @@ only epoch, train_loss, test_acc@1, test_acc@5) and a linear-evaluation log are 
 """
 import os
 import sys
+import threading
+import time
 
 import matplotlib
 
 matplotlib.use('Agg')  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  (not pyplot: figures drawn on a painter thread)
 
 import files  # noqa: E402
 from launch import UserError  # noqa: E402
@@ -24,10 +26,58 @@ DPI = 100  # so a curve figure is 1200 x 750 pixels
 NEIGHBOURS = 8  # query images and neighbours per query in the neighbour panel
 
 
+REDRAW_EVERY_S = 30  # the statistics picture of a run is redrawn at most this often (and after the last epoch)
+
+
 def _save(fig, path):
     with files.atomic_open(path, 'wb') as f:
         fig.savefig(f, format='png', dpi=DPI)
-    plt.close(fig)
+
+
+class Painter:
+    """Redraws a picture off the training thread, at most every `every` seconds.
+
+    post(draw) hands over the newest drawing (a function of no arguments); it is drawn on a thread of its
+    own when the previous one is done and `every` seconds have passed since it began, else kept until
+    then, newer ones replacing it. flush() draws the newest one not yet drawn and waits for it. A drawing
+    that fails (a full disk) gives one warning and the run goes on: pictures can always be redrawn from
+    the CSV with plot.py.
+    """
+
+    def __init__(self, every=REDRAW_EVERY_S, warn=lambda message: print(message, file=sys.stderr, flush=True)):
+        self.every, self.warn = every, warn
+        self._pending, self._thread, self._started, self._warned = None, None, -float('inf'), False
+
+    def post(self, draw):
+        self._pending = draw
+        if (self._thread is None or not self._thread.is_alive()) and time.monotonic() - self._started >= self.every:
+            self._start()
+
+    def flush(self):
+        """Draw the newest drawing not yet drawn, and wait for it."""
+        self.stop()
+        if self._pending is not None:
+            self._start()
+            self.stop()
+
+    def stop(self):
+        """Wait for the drawing in progress (a thread left drawing while the interpreter exits can abort it)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _start(self):
+        draw, self._pending, self._started = self._pending, None, time.monotonic()
+        self._thread = threading.Thread(target=self._draw, args=(draw,), name='painter', daemon=True)
+        self._thread.start()
+
+    def _draw(self, draw):
+        try:
+            draw()
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                self.warn(f'warning: could not draw a picture ({e}); the run goes on, and plot.py redraws it '
+                          f'from the CSV')
 
 
 def _panel(ax, df, columns, title, ylabel=None):
@@ -50,7 +100,8 @@ def _panel(ax, df, columns, title, ylabel=None):
 
 def plot_pretrain(df, path, title=''):
     """Train loss, kNN accuracy, z_std_ratio and lr against epoch."""
-    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    axes = fig.subplots(2, 2)
     _panel(axes[0, 0], df, [('train_loss', 'train loss')], 'SimSiam loss (minimum -1)')
     _panel(axes[0, 1], df, [('test_acc@1', 'top-1'), ('test_acc@5', 'top-5')], 'kNN monitor accuracy', '%')
     _panel(axes[1, 0], df, [('z_std_ratio', 'std(z/|z|) x sqrt(d)')], 'collapse monitor (1 healthy, 0 collapsed)')
@@ -66,7 +117,8 @@ def plot_pretrain(df, path, title=''):
 
 def plot_linear(df, path, title=''):
     """Train and test loss and accuracy of a linear evaluation against epoch."""
-    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0], FIGSIZE[1] / 1.5))
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] / 1.5))
+    axes = fig.subplots(1, 2)
     _panel(axes[0], df, [('train_loss', 'train'), ('test_loss', 'test')], 'cross-entropy loss')
     _panel(axes[1], df, [('train_acc@1', 'train top-1'), ('test_acc@1', 'test top-1'),
                          ('test_acc@5', 'test top-5')], 'linear classifier accuracy', '%')
@@ -99,7 +151,7 @@ def plot_neighbours(queries, neighbours, query_labels, neighbour_labels, similar
     pad, band, gap = 4, 12, 10  # mosaic pixels: between tiles, above each tile for its label, after the query
     tile_w, tile_h = w + pad, h + band
     mosaic = np.full((q * tile_h, (k + 1) * tile_w + gap, 3), 255, dtype=np.uint8)
-    fig = plt.figure(figsize=(11.7, 11.6))
+    fig = Figure(figsize=(11.7, 11.6))
     ax = fig.add_axes((0.01, 0.01, 0.98, 0.94))
     for i in range(q):
         for j in range(k + 1):

@@ -9,17 +9,19 @@ import json
 import math
 import os
 import sys
+import time
 
 import pandas as pd
 import torch
 
 import files
 import launch
+import plot
 import utils
 from launch import JobError, UserError
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile'})
+HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile', 'save_every'})
 
 
 def cosine_lr(init_lr, epoch, epochs):
@@ -128,25 +130,41 @@ class Run:
 
     script: 'main.py' or 'linear.py'; settings: the run's arguments as a dict (saved in every file);
     outputs: {key: file-name suffix}, with at least 'csv', 'model', 'state', 'plot' and 'record';
-    state_kind: the 'kind' of its state file; columns: the CSV's columns.
+    state_kind: the 'kind' of its state file; columns: the CSV's columns (with 'save_time' among them).
+
+    `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk: a set is
+    written in the background while the next epoch trains (files.BackgroundWriter).
     """
 
-    def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world):
+    def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world,
+                 background=True):
         self.script, self.settings, self.results_dir, self.name = script, settings, results_dir, name
         self.paths = {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in outputs.items()}
         self.journal = os.path.join(results_dir, f'.{name}.saving')  # the renames of a set being committed
         self.lock = files.RunLock(os.path.join(results_dir, f'.{name}.lock'), os.path.join(results_dir, name))
         self.state_kind, self.columns, self.world = state_kind, columns, world
         self.log = launch.printer(world)
-        self.rows, self.done = [], 0
+        self.rows, self.done, self.saved_epoch = [], 0, 0
+        self.writer = files.BackgroundWriter(background)
+        self.painter = plot.Painter()
+        self._snapshot = None  # (epoch, model dict, whether its set wrote it) of the set last handed over
+        self._writing = None  # (epoch, wrote the model) of the set being written
+        self._model_epoch = None  # the epoch of the model file on disk, when this run wrote it
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
         launch.check_divisible(batch_size, world)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.lock.release()
+    def __exit__(self, kind, error, trace):
+        try:
+            failed = self.settle()  # the last set is complete on disk before the script exits
+            with launch.signals_ignored():
+                self.painter.stop()
+            if failed is not None and kind is None:
+                raise UserError(f'{failed}; {self.kept()}')
+        finally:
+            self.lock.release()
 
     def find_state(self):
         """On rank 0: the results folder checked and this run's name locked for as long as the run lasts,
@@ -169,8 +187,9 @@ class Run:
         return train, test
 
     def restore(self, state, modules, optimizer, what, epochs):
-        """Load a saved training state into `modules` ({key in the state: module}) and the optimizer and
-        restore the random-number states, the CSV rows so far and the epochs done."""
+        """Load a saved training state into `modules` ({key in the state: module}) and the optimizer (or
+        each of a list of optimizers) and restore the random-number states, the CSV rows so far and the
+        epochs done."""
         if state is None:
             return
         try:
@@ -181,6 +200,7 @@ class Run:
             raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
         set_rng_state(state['rng'])
         self.rows, self.done = list(state['rows']), state['epoch']
+        self.saved_epoch = self.done
         self.log(f'resuming after epoch {self.done} of {epochs}' if self.done < epochs else
                  f'the run is already complete ({self.done} epochs)', flush=True)
 
@@ -190,55 +210,103 @@ class Run:
                                                                 'world_size': self.world.world_size, **extra}),
                              self.paths['record'])
 
+    # --------------------------------------------------------------------- what is on disk
+
+    def settle(self):
+        """Wait for the set being written; returns its WriteFailed, or None once it is on disk."""
+        if self._writing is None:
+            return None
+        with launch.signals_ignored():  # a second Ctrl-C must not cut this wait short: the write is seconds
+            failed = self.writer.wait()
+        epoch, with_model = self._writing
+        self._writing = None
+        if failed is None:
+            self.saved_epoch = epoch
+            if with_model:
+                self._model_epoch = epoch
+        return failed
+
     def saved(self):
-        """What is on disk to continue from, for the interrupt line."""
-        return f'epochs 1-{self.done} are saved in {self.paths["state"]}' if self.done else 'no epoch had completed'
+        """What is on disk to continue from, for the interrupt line: the set being written is waited for,
+        and the model file brought up to that epoch if --save_every had left it behind."""
+        self.settle()
+        if self._snapshot is not None and self._snapshot[0] == self.saved_epoch != self._model_epoch:
+            with launch.signals_ignored(), contextlib.suppress(files.WriteFailed):
+                files.write_set([(self.paths['model'], _saver(self._snapshot[1]))], self.journal)
+                self._model_epoch = self.saved_epoch
+        return (f'epochs 1-{self.saved_epoch} are saved in {self.paths["state"]}' if self.saved_epoch
+                else 'no epoch had completed')
 
     def kept(self):
         """What is on disk after a failure, for its line."""
-        return (f'{self.paths["state"]} holds epoch {self.done}, the last complete one (as do the CSV and the '
-                f'model)' if self.done else 'nothing was saved')
+        return (f'{self.paths["state"]} holds epoch {self.saved_epoch}, the last complete one, as does the CSV'
+                if self.saved_epoch else 'nothing was saved')
 
-    def loop(self, epochs, train_epoch, checkpoint, plot, describe):
+    # --------------------------------------------------------------------- the loop
+
+    def loop(self, epochs, save_every, train_epoch, checkpoint, plot, describe):
         """Run the epochs after the last one done.
 
         train_epoch(epoch) -> the epoch's CSV row (it may raise NonFiniteLoss); checkpoint() -> (model,
         state): the model file's dict (with its 'kind') and the state's own entries (weights, optimizer),
         to which the epoch, the arguments, the rows and the random-number states are added; plot(rows)
-        redraws the statistics picture; describe(row) is the epoch's line. Each epoch's CSV, model and
-        state are written by rank 0 as one set, SIGINT and SIGTERM held back meanwhile.
+        redraws the statistics picture (on the painter's thread, at most every plot.REDRAW_EVERY_S
+        seconds); describe(row) is the epoch's line. After each epoch rank 0 writes the CSV and the state
+        (and, every `save_every` epochs and after the last, the model) as one set, in the background.
         """
         with launch.interruptible(self.saved):
             for epoch in range(self.done + 1, epochs + 1):
                 try:
                     row = train_epoch(epoch)
                 except launch.NonFiniteLoss as e:
-                    kept = (f'the state of epoch {self.done} is kept in {self.paths["state"]}' if self.done
-                            else 'nothing was saved')
+                    failed = self.settle()
+                    if failed is not None:
+                        raise UserError(f'{failed}; training stopped and {self.kept()}') from None
+                    kept = (f'the state of epoch {self.saved_epoch} is kept in {self.paths["state"]}'
+                            if self.saved_epoch else 'nothing was saved')
                     raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
                 self.rows.append(row)
-                with launch.signals_deferred():  # a signal now is taken once the epoch is saved and counted
-                    launch.on_main(lambda: self._save(epoch, *checkpoint()), self.world)
+                with_model = epoch % save_every == 0 or epoch == epochs
+                with launch.signals_deferred():  # a signal now is taken once the epoch is handed over
+                    launch.on_main(lambda: self.save(epoch, with_model, *checkpoint()), self.world)
                     self.done = epoch
                 if self.world.main:
-                    plot(self.rows)
+                    rows = list(self.rows)
+                    self.painter.post(lambda: plot(rows))
                 self.log(describe(row), flush=True)
 
-    def _save(self, epoch, model, state):
-        """The epoch's CSV, model and state, written as one set (files.write_set); a write that fails
-        stops the run with one line."""
+    def save(self, epoch, with_model, model, state):
+        """Hand the epoch's set to the writer: wait for the previous set (a write of it that failed stops
+        the run with one line), take a host copy of what this one needs, and go on training while it is
+        written (files.write_set). The seconds the loop waited go in the row's save_time."""
+        start = time.perf_counter()
+        failed = self.settle()
+        if failed is not None:
+            raise UserError(f'{failed}; training stopped and {self.kept()}')
         common = {'epoch': epoch, 'args': self.settings}
-        model = {**model, **common}
-        state = {'kind': self.state_kind, **state, 'rows': self.rows, 'rng': rng_state(), **common}
+        model, state = files.host_copy(({**model, **common}, {'kind': self.state_kind, **state, 'rows': self.rows,
+                                                               'rng': rng_state(), **common}),
+                                       into=self._snapshot and self._snapshot[2])
+        self.rows[-1]['save_time'] = state['rows'][-1]['save_time'] = time.perf_counter() - start
         table = pd.DataFrame(self.rows, columns=self.columns).to_csv(index=False).encode()
-        try:
-            files.write_set([(self.paths['csv'], lambda f: f.write(table)),
-                             (self.paths['model'], lambda f: torch.save(model, f)),
-                             (self.paths['state'], lambda f: torch.save(state, f))], self.journal)
-        except files.WriteFailed as e:
-            raise UserError(f'{e}; training stopped and {self.kept()}') from None
+        parts = [(self.paths['csv'], lambda f: f.write(table))]
+        if with_model:
+            parts.append((self.paths['model'], _saver(model)))
+        parts.append((self.paths['state'], _saver(state)))
+        self._snapshot = (epoch, model, (model, state))
+        self._writing = (epoch, with_model)
+        self.writer.start(lambda: files.write_set(parts, self.journal))
 
     def finish(self, summary):
-        """The final line: every file written, then `summary`."""
+        """After the last epoch: the last set complete on disk and the picture drawn, then the final line:
+        every file written, then `summary`."""
+        failed = self.settle()
+        if failed is not None:
+            raise UserError(f'{failed}; training stopped and {self.kept()}')
+        self.painter.flush()
         written = ', '.join(f'{key} {path}' for key, path in self.paths.items() if os.path.exists(path))
         self.log(f'done: {written}; {summary}', flush=True)
+
+
+def _saver(obj):
+    return lambda f: torch.save(obj, f)

@@ -171,3 +171,12 @@ def wait_for_line(proc, text, timeout=300):
             return lines
     proc.kill()
     raise AssertionError(f'{text!r} never appeared; stdout: {"".join(lines)}; stderr: {proc.stderr.read()}')
+
+
+def wait_for_file(path, timeout=120):
+    """Wait until `path` exists: a set handed to the background writer is on disk once its state is."""
+    import time
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.05)

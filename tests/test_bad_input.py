@@ -94,7 +94,6 @@ LINEAR_CASES = [
     (['--model_path', '{bad}/noise.pth'], 'is not a checkpoint written by torch.save'),
     (['--model_path', '{out}/run_statistics.csv'], 'is not a checkpoint written by torch.save'),
     (['--model_path', '{bad}/plain.pth'], 'is not a file written by main.py or linear.py'),
-    (['--model_path', '{out}/run_state.pth'], "is a 'simsiam_state' file"),
     (['--model_path', '{out}/run_linear_model.pth'], "is a 'simsiam_linear' file"),
     (['--resume', '{out}/run_state.pth'], "--resume '{out}/run_state.pth' is a 'simsiam_state' file"),
     (['--resume', '{bad}/noise.pth'], 'is not a checkpoint written by torch.save'),

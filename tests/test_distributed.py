@@ -157,7 +157,10 @@ def test_a_killed_rank_ends_the_job_and_the_resumed_run_is_the_same_run(uninterr
     start = time.time()
     _, err = job.communicate(timeout=120)
     assert job.returncode != 0 and time.time() - start < 90, err[-3000:]  # ended, no hang
-    assert 'main.py: interrupted by SIGTERM; epochs 1-' in err, err[-3000:]  # torchrun stopped rank 0
+    # rank 0 says in one line why it stopped: torchrun's SIGTERM, or the lost peer if its next collective
+    # came first (with saves in the background it is no longer busy writing when rank 1 dies)
+    assert ('main.py: interrupted by SIGTERM; epochs 1-' in err or
+            'main.py (rank 0 of 2): error: lost contact with another process of the job' in err), err[-3000:]
     state = files.load_checkpoint(str(tmp_path / 'job_state.pth'), ('simsiam_state',), '--resume')
     assert 1 <= state['epoch'] < 3
     assert len(pd.read_csv(csv)) == state['epoch']

@@ -152,28 +152,27 @@ def test_temporaries_of_a_save_killed_before_its_commit_are_removed_on_the_next_
 
 def test_a_full_disk_during_a_save_stops_the_run_and_a_resume_finishes_it(folder_data, uninterrupted_pil, tmp_path):
     """Killed after epoch 1; resumed under a file-size limit that the state does not fit, so epoch 2's save
-    fails; resumed without it: the CSV is that of an uninterrupted run."""
+    fails (in the background: the run stops at the end of epoch 3 at the latest); resumed without it: the
+    CSV is that of an uninterrupted run."""
     args = [*TINY, *PIL, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--name', 'run']
     proc = start('main.py', args)
-    wait_for_line(proc, 'epoch 1/3')
+    wait_for_line(proc, 'epoch 2/3')  # epoch 1's set is complete on disk once epoch 2 has started
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    sizes = {f: os.path.getsize(tmp_path / f) for f in ('run_model.pth', 'run_state.pth')}
-    limit = (sizes['run_model.pth'] + sizes['run_state.pth']) // 2  # the model fits, the state does not
+    assert torch.load(tmp_path / 'run_state.pth', weights_only=True)['epoch'] in (1, 2)
+    limit = os.path.getsize(tmp_path / 'run_state.pth') // 2  # the CSV fits, the state does not
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    full = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--resume', 'auto'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited)
-    assert full.returncode == 2, full.stderr
-    assert 'Traceback' not in full.stderr
-    assert full.stderr.strip().splitlines()[-1:] == [  # after the progress bars, one line
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--resume', 'auto'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert r.returncode == 2, r.stderr
+    done = torch.load(tmp_path / 'run_state.pth', weights_only=True)['epoch']
+    assert 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines()[-1:] == [  # after the progress bars, one line
         f"main.py: error: could not write '{tmp_path / 'run_state.pth'}' (File too large [EFBIG]); training "
-        f"stopped and {tmp_path / 'run_state.pth'} holds epoch 1, the last complete one (as do the CSV and the "
-        f"model)"]
-    assert torch.load(tmp_path / 'run_state.pth', weights_only=True)['epoch'] == 1
-    assert torch.load(tmp_path / 'run_model.pth', weights_only=True)['epoch'] == 1
-    assert len((tmp_path / 'run_statistics.csv').read_text().splitlines()) == 2
+        f"stopped and {tmp_path / 'run_state.pth'} holds epoch {done}, the last complete one, as does the CSV"]
+    assert len((tmp_path / 'run_statistics.csv').read_text().splitlines()) == done + 1
     assert temporaries(tmp_path) == [] and not os.path.exists(tmp_path / '.run.saving')
 
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--resume', 'auto'],
@@ -241,3 +240,41 @@ def test_an_image_that_cannot_be_read_is_named_with_the_fix(tmp_path, content, w
     assert str(e.value) == (f"cannot read image '{path}' ({why}): replace it with a readable image or move it "
                             f"out of '{tmp_path / 'train'}'")
     assert path.read_bytes() == content
+
+
+SLOW_WRITES = '''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import files, launch, main
+real = files._Recording.write
+def slow(self, data):  # about one second per checkpoint file: a kill can land in the middle of a write
+    print('writing', flush=True)
+    time.sleep(0.25)
+    return real(self, data)
+files._Recording.write = slow
+sys.argv = ['main.py', *sys.argv[2:]]
+sys.exit(launch.cli(main.main, main.parse_args))
+'''
+
+
+def test_a_kill_in_the_middle_of_a_background_write_leaves_the_last_complete_set(folder_data, uninterrupted_pil,
+                                                                                tmp_path):
+    args = [*TINY, *PIL, '--data_root', folder_data, '--results_dir', tmp_path, '--epochs', 3, '--name', 'run']
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, '-c', SLOW_WRITES, ROOT, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, 'epoch 1/3')  # epoch 1's set has been handed to the writer
+    wait_for_line(proc, 'writing')  # and it is being written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = temporaries(tmp_path)
+    assert left, 'the kill should land in the middle of a write'
+    assert not os.path.exists(tmp_path / 'run_state.pth')  # no set had completed: nothing but temporaries
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args), '--resume', 'auto'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'removed' in r.stdout and 'temporary file(s) of an interrupted save' in r.stdout
+    assert temporaries(tmp_path) == []
+    assert csv_without(tmp_path / 'run_statistics.csv', main.WALL_CLOCK) == \
+        csv_without(uninterrupted_pil / 'run_statistics.csv', main.WALL_CLOCK)

@@ -110,3 +110,105 @@ def test_channels_last_forced_on_the_cpu_trains_like_the_default(folder_data, fi
     nhwc, nchw = (pd.read_csv(d / 'run_statistics.csv') for d in (tmp_path, finished))
     assert nhwc['train_loss'].tolist() == pytest.approx(nchw['train_loss'].tolist(), abs=1e-4)
     assert nhwc['test_acc@1'].iloc[-1] == nchw['test_acc@1'].iloc[-1]
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+class FakeTraining:
+    """What a script gives run.Run: an 'epoch' that changes a weight, and its checkpoint."""
+
+    def __init__(self, interrupt_at=None):
+        self.weight = torch.zeros(1000)
+        self.interrupt_at = interrupt_at
+
+    def epoch(self, epoch):
+        if epoch == self.interrupt_at:
+            raise launch._Signal(signal.SIGTERM)
+        self.weight += 1
+        return {'epoch': epoch, 'train_loss': float(-epoch)}
+
+    def checkpoint(self):
+        return {'kind': 'fake_model', 'w': self.weight}, {'w': self.weight}
+
+
+def fake_run(out, background=True):
+    from distributed import SINGLE
+    settings = {'resume': None, 'epochs': 5}
+    return run.Run('main.py', settings, str(out), 'fake', {'csv': 'statistics.csv', 'model': 'model.pth',
+                   'state': 'state.pth', 'plot': 'statistics.png', 'record': 'args.json'}, 'fake_state',
+                   ['epoch', 'train_loss', 'save_time'], 1, SINGLE, background)
+
+
+def saved(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize('background', [True, False])
+def test_the_loop_writes_the_state_each_epoch_and_the_model_every_n_and_last(tmp_path, background):
+    fake, drawn, seen = FakeTraining(), [], []
+
+    def describe(row):  # what is on disk when the epoch's line is printed
+        model = tmp_path / 'fake_model.pth'
+        seen.append(saved(model)['epoch'] if model.exists() else None)
+        return f'epoch {row["epoch"]}'
+    with fake_run(tmp_path, background) as r:
+        r.find_state()
+        r.loop(5, 2, fake.epoch, fake.checkpoint, lambda rows: drawn.append(len(rows)), describe)
+        r.finish('ok')
+    state, model = saved(tmp_path / 'fake_state.pth'), saved(tmp_path / 'fake_model.pth')
+    assert state['epoch'] == 5 and float(state['w'][0]) == 5 and len(state['rows']) == 5
+    assert model['epoch'] == 5 and float(model['w'][0]) == 5  # written after the last epoch
+    # the model file of epochs 2 and 4 (every 2nd), seen one epoch later at the latest in the background
+    assert seen[0] is None and seen[1] in (None, 2) and seen[2] == 2 and seen[3] in (2, 4) and seen[4] in (4, 5)
+    import pandas as pd
+    table = pd.read_csv(tmp_path / 'fake_statistics.csv')
+    assert table['epoch'].tolist() == [1, 2, 3, 4, 5] and (table['save_time'] >= 0).all()
+    assert drawn[-1] == 5  # the picture is always drawn after the last epoch
+    assert sorted(os.listdir(tmp_path)) == ['fake_model.pth', 'fake_state.pth', 'fake_statistics.csv']
+
+
+def test_an_interrupt_waits_for_the_write_and_brings_the_model_up_to_date(tmp_path):
+    fake = FakeTraining(interrupt_at=4)
+    with pytest.raises(launch.Interrupted) as e:
+        with fake_run(tmp_path) as r:
+            r.find_state()
+            r.loop(5, 10, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+    assert e.value.saved == f'epochs 1-3 are saved in {tmp_path / "fake_state.pth"}'
+    # --save_every 10 had not written the model yet; the interrupt wrote that of the last saved epoch
+    assert saved(tmp_path / 'fake_model.pth')['epoch'] == 3 and float(saved(tmp_path / 'fake_model.pth')['w'][0]) == 3
+    assert saved(tmp_path / 'fake_state.pth')['epoch'] == 3
+    assert not os.path.exists(tmp_path / '.fake.lock')
+
+
+def test_a_background_write_that_fails_stops_the_run_at_the_next_epoch(tmp_path, monkeypatch):
+    real, calls = files.write_set, []
+
+    def failing_second(parts, journal):
+        calls.append(1)
+        if len(calls) == 2:
+            raise files.WriteFailed(parts[-1][0], OSError(28, 'No space left on device'))
+        return real(parts, journal)
+    monkeypatch.setattr(files, 'write_set', failing_second)
+    fake, trained = FakeTraining(), []
+    epoch = fake.epoch
+    fake.epoch = lambda e: trained.append(e) or epoch(e)
+    with pytest.raises(launch.UserError) as e:
+        with fake_run(tmp_path) as r:
+            r.find_state()
+            r.loop(5, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+    assert str(e.value) == (f"could not write '{tmp_path / 'fake_state.pth'}' (No space left on device "
+                            f"[ENOSPC]); training stopped and {tmp_path / 'fake_state.pth'} holds epoch 1, the "
+                            f"last complete one, as does the CSV")
+    assert trained == [1, 2, 3]  # epoch 2's set failed while epoch 3 trained; found at epoch 3's end
+    assert saved(tmp_path / 'fake_state.pth')['epoch'] == 1
+
+
+def test_save_time_is_the_wait_and_the_snapshot(tmp_path):
+    fake = FakeTraining()
+    with fake_run(tmp_path) as r:
+        r.find_state()
+        r.loop(3, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+        r.finish('ok')
+    rows = saved(tmp_path / 'fake_state.pth')['rows']
+    assert [row['epoch'] for row in rows] == [1, 2, 3]
+    assert all(0 <= row['save_time'] < 5 for row in rows)  # in the state's rows too, for a resumed CSV

@@ -124,3 +124,13 @@ def test_bf16_autocast_gives_a_finite_float32_loss(tmp_path):
     value = float(stats['train_loss'][0])
     assert torch.tensor(value).bfloat16().float().item() != value
     assert stats['test_acc@1'].between(0, 100).all()
+
+
+def test_linear_evaluates_a_run_in_progress_from_its_state(finished, tmp_path):
+    linear.main(linear.parse_args(['--model_path', str(finished / 'run_state.pth'), '--results_dir', str(tmp_path),
+                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+    state = torch.load(finished / 'run_state.pth', weights_only=True)
+    saved = torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)  # named after <name>_state.pth
+    for key, value in saved['backbone'].items():
+        assert torch.equal(value, state['model']['backbone.' + key]), key
+    assert len(pd.read_csv(tmp_path / 'run_linear_statistics.csv')) == 1
