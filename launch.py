@@ -95,9 +95,25 @@ def _number(convert, accept, requirement, noun):
 
 
 positive_int = _number(int, lambda v: v > 0, 'a positive integer', 'an integer')
+fraction = _number(float, lambda v: 0 <= v < 1, 'at least 0 and under 1', 'a number')
 non_negative_int = _number(int, lambda v: v >= 0, 'zero or more', 'an integer')
 positive_float = _number(float, lambda v: v > 0, 'a positive number', 'a number')
 non_negative_float = _number(float, lambda v: v >= 0, 'zero or a positive number', 'a number')
+
+
+def number_list(item):
+    """An argparse type: one value, or several separated by commas, each checked by `item`; a list."""
+    def parse(text):
+        values = [item(part) for part in text.split(',')]
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f'{text!r} names a value twice')
+        return values
+    return parse
+
+
+def or_auto(item):
+    """An argparse type: 'auto', or what `item` accepts."""
+    return lambda text: 'auto' if text == 'auto' else item(text)
 
 
 def available_cpus():
@@ -181,30 +197,38 @@ def cli(main, parse_args):
     try:
         with signals_raise():
             main(args)
-    except JobError as e:
+    except BaseException as e:  # noqa: B902 (what is not the user's to fix is raised again)
+        return _report(e, prog, world, where)
+    return 0
+
+
+def _report(e, prog, world, where):
+    """The one line and the exit status of an exception that ended a script; anything else is raised."""
+    if isinstance(e, _Signal) and e.__context__ is not None and not isinstance(e.__context__, _Signal):
+        return _report(e.__context__, prog, world, where)  # a signal while an error was being cleaned up
+    if isinstance(e, JobError):
         if world.main:
             print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
-    except UserError as e:
+    if isinstance(e, UserError):
         print(f'{prog}{where}: error: {e}', file=sys.stderr)
         return 2
-    except Interrupted as e:
+    if isinstance(e, Interrupted):
         if world.main:
             print(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv, world)}',
                   file=sys.stderr)
         return 128 + e.signum
-    except _Signal as e:
+    if isinstance(e, _Signal):
         if world.main:
             print(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
                   file=sys.stderr)
         return 128 + e.signum
-    except RuntimeError as e:  # torch.distributed.DistError and Gloo's connection errors derive from it
-        if not (world.distributed and _lost_peer(e)):
-            raise
+    # torch.distributed.DistError and Gloo's connection errors derive from RuntimeError
+    if isinstance(e, RuntimeError) and world.distributed and _lost_peer(e):
         print(f'{prog}{where}: error: lost contact with another process of the job, which has probably '
               f'failed (its own message says why): {str(e).splitlines()[0][:200]}', file=sys.stderr)
         return 1
-    return 0
+    raise e
 
 
 def _lost_peer(error):

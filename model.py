@@ -123,3 +123,25 @@ def simsiam_loss(p1, p2, z1, z2, similarity='cosine', symmetric=True, stop_grad=
     if not symmetric:
         return d(p1, z2)
     return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)
+
+
+PROBE_NORMS = ('bn', 'none')
+
+
+class Probe(nn.Linear):
+    """The linear classifier of linear evaluation, on frozen features.
+
+    norm 'bn' puts a BatchNorm without affine parameters in front of it (as MAE's linear probing does):
+    the features are centred and scaled by their running statistics, so the same lr works whatever their
+    scale, and at test time it is still one linear map. norm 'none' is the plain Linear of the seed.
+    Initialised as the official code does: weights N(0, 0.01), biases 0.
+    """
+
+    def __init__(self, dim, classes, norm='bn'):
+        super().__init__(dim, classes)
+        self.weight.data.normal_(mean=0.0, std=0.01)
+        self.bias.data.zero_()
+        self.norm = nn.BatchNorm1d(dim, affine=False) if norm == 'bn' else nn.Identity()
+
+    def forward(self, x):
+        return super().forward(self.norm(x))  # NxD -> NxC

@@ -157,14 +157,14 @@ class Run:
         return self
 
     def __exit__(self, kind, error, trace):
-        try:
-            failed = self.settle()  # the last set is complete on disk before the script exits
-            with launch.signals_ignored():
+        with launch.signals_ignored():  # the run is ending: a signal now must not cut its last write short
+            try:
+                failed = self.settle()  # the last set is complete on disk before the script exits
                 self.painter.stop()
-            if failed is not None and kind is None:
-                raise UserError(f'{failed}; {self.kept()}')
-        finally:
-            self.lock.release()
+            finally:
+                self.lock.release()
+        if failed is not None and kind is None:
+            raise UserError(f'{failed}; {self.kept()}')
 
     def find_state(self):
         """On rank 0: the results folder checked and this run's name locked for as long as the run lasts,
@@ -195,7 +195,13 @@ class Run:
         try:
             for key, module in modules.items():
                 module.load_state_dict(state[key])
-            optimizer.load_state_dict(state['optimizer'])
+            if isinstance(optimizer, list):
+                if len(state['optimizer']) != len(optimizer):
+                    raise ValueError(f'{len(state["optimizer"])} optimizers saved, {len(optimizer)} here')
+                for one, saved in zip(optimizer, state['optimizer']):
+                    one.load_state_dict(saved)
+            else:
+                optimizer.load_state_dict(state['optimizer'])
         except (KeyError, RuntimeError, ValueError) as e:
             raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
         set_rng_state(state['rng'])

@@ -139,6 +139,17 @@ def load_dataset(name, root, train, classes=None):
     raise UserError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
 
 
+def split_off(data, fraction, seed):
+    """(rest, held out): a fixed `fraction` of `data`'s images, drawn from the seed, held out (for choosing
+    among linear heads without the test set); the rest keeps its order."""
+    held = torch.randperm(len(data), generator=generator(seed, 0xFA1))[:round(fraction * len(data))]
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[held] = False
+    held = held.sort().values
+    return (ImageSet(data.images[keep], data.labels[keep], data.classes),
+            ImageSet(data.images[held], data.labels[held], data.classes))
+
+
 def load_splits(name, root):
     """(train, test) ImageSets of a dataset; the test split uses the training split's classes."""
     train = load_dataset(name, root, train=True)

@@ -1,0 +1,197 @@
+"""Linear evaluation that holds on any features: the normalised probe, a grid of learning rates trained on
+one pass of the backbone, chosen on a validation split, with divergence visible."""
+import math
+import re
+import signal
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import launch
+import linear
+import utils
+from conftest import csv_without
+from model import Probe
+
+CLASSES = 4
+
+
+def offset_features(n=512, dim=64, seed=0):
+    """Features like a frozen ReLU backbone's: all positive, a large common mean and scale, and a class
+    signal that is a small part of them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % CLASSES
+    centres = torch.randn(CLASSES, dim, generator=g)
+    x = 40.0 + 8.0 * torch.rand(n, dim, generator=g) + 2.0 * centres[labels]
+    return x, labels
+
+
+def batches_of(x, y, size=32):
+    return [([x[i:i + size]], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def train_probe(norm, lr, epochs=3, features=lambda x: x):
+    torch.manual_seed(0)
+    x, y = offset_features()
+    head = Probe(x.size(1), CLASSES, norm)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr * 32 / 256, momentum=0.9)
+    results = []
+    for epoch in range(1, epochs + 1):
+        (result,), diverged = linear.train_epoch(features, [head], batches_of(x, y), [optimizer], epoch)
+        if diverged:
+            return results, diverged[0]
+        results.append(result)
+    return results, None
+
+
+def test_the_bn_probe_trains_at_lr_30_on_offset_features_and_the_plain_one_does_not():
+    bn, stopped = train_probe('bn', 30.0)
+    assert stopped is None
+    assert bn[-1][0] < math.log(CLASSES) and bn[-1][1] > 90  # a sane loss, and it has learnt the classes
+    plain, stopped = train_probe('none', 30.0)
+    # the logits blow up: the loss is far above that of a uniform guess, or not even finite
+    assert stopped is not None or linear.blowing_up(plain[-1][0], CLASSES), plain
+
+
+def test_a_grid_trains_every_head_on_one_pass_of_the_backbone_each_as_if_alone():
+    x, y = offset_features()
+    calls = []
+
+    def backbone(batch):
+        calls.append(len(batch))
+        return batch
+    lrs = [0.1, 1.0, 10.0]
+    heads, optimizers = [], []
+    for lr in lrs:
+        torch.manual_seed(0)
+        heads.append(Probe(x.size(1), CLASSES, 'bn'))
+        optimizers.append(torch.optim.SGD(heads[-1].parameters(), lr=lr * 32 / 256, momentum=0.9))
+    results, diverged = linear.train_epoch(backbone, heads, batches_of(x, y), optimizers, 1)
+    assert not diverged and len(calls) == len(batches_of(x, y))  # the backbone once per batch, not per head
+    for lr, head, result in zip(lrs, heads, results):
+        torch.manual_seed(0)
+        alone = Probe(x.size(1), CLASSES, 'bn')
+        optimizer = torch.optim.SGD(alone.parameters(), lr=lr * 32 / 256, momentum=0.9)
+        (single,), _ = linear.train_epoch(lambda b: b, [alone], batches_of(x, y), [optimizer], 1)
+        assert single == result
+        assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), head.state_dict().values()))
+
+
+def test_selection_looks_at_the_validation_numbers_only():
+    val_acc = {0: 40.0, 1: 75.0, 2: 60.0}
+    assert linear.select_head(val_acc, [0, 1, 2]) == 1
+    assert linear.select_head(val_acc, [0, 2]) == 2  # a diverged head is never chosen
+    assert linear.select_head({0: 50.0, 1: 50.0}, [0, 1]) == 0  # a tie goes to the first
+
+
+def test_the_validation_split_is_fixed_by_the_seed_and_disjoint_from_training():
+    data = utils.ImageSet(torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 1, 1).contiguous(),
+                          torch.arange(40) % 4, list('abcd'))
+    rest, held = utils.split_off(data, 0.25, seed=3)
+    assert len(held) == 10 and len(rest) == 30
+    ids = lambda s: set(s.images[:, 0, 0, 0].tolist())
+    assert ids(rest) | ids(held) == set(range(40)) and not ids(rest) & ids(held)
+    assert ids(utils.split_off(data, 0.25, seed=3)[1]) == ids(held)
+    assert ids(utils.split_off(data, 0.25, seed=4)[1]) != ids(held)
+    assert len(utils.split_off(data, 0.0, seed=3)[1]) == 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+GRID = ['0.5', '5', '30']
+
+
+def evaluate(finished, out, *extra, lr=','.join(GRID)):
+    linear.main(linear.parse_args(['--model_path', str(finished / 'run_model.pth'), '--results_dir', str(out),
+                                   '--epochs', '3', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0',
+                                   '--val_split', '0.25', '--lr', lr, *extra]))
+    return pd.read_csv(out / 'run_linear_statistics.csv')
+
+
+@pytest.fixture(scope='module')
+def grid_run(finished, tmp_path_factory):
+    out = tmp_path_factory.mktemp('grid')
+    return out, evaluate(finished, out)
+
+
+def test_a_grid_run_equals_single_value_runs_and_reports_the_head_chosen_on_validation(finished, grid_run,
+                                                                                        tmp_path):
+    out, grid = grid_run
+    for value in GRID:
+        single = evaluate(finished, tmp_path / value, lr=value)
+        for column in ('train_loss', 'train_acc@1', 'val_acc@1', 'test_acc@1', 'test_acc@5'):
+            assert grid[f'lr={float(value):g}:{column}'].tolist() == single[column].tolist(), (value, column)
+    val = grid[[f'lr={float(v):g}:val_acc@1' for v in GRID]].to_numpy()
+    chosen = [float(GRID[i]) for i in val.argmax(axis=1)]  # argmax takes the first of equals, as select_head
+    assert grid['head_lr'].tolist() == chosen
+    for row, lr in zip(grid.itertuples(index=False), chosen):
+        assert row[list(grid.columns).index('test_acc@1')] == grid[f'lr={lr:g}:test_acc@1'][row.epoch - 1]
+    model = torch.load(out / 'run_linear_model.pth', weights_only=True)
+    assert model['head_lr'] == chosen[-1]  # the saved model holds the head chosen
+    state = torch.load(out / 'run_linear_state.pth', weights_only=True)
+    best = state['heads']
+    index = [float(v) for v in GRID].index(chosen[-1])
+    assert all(torch.equal(model['head'][k], best[f'{index}.{k}']) for k in model['head'])
+
+
+def test_a_grid_interrupted_and_resumed_is_the_same_run(finished, grid_run, tmp_path, monkeypatch):
+    real = linear.train_epoch
+
+    def interrupted_in_epoch_2(features, heads, batches, optimizers, epoch, *rest, **kw):
+        if epoch == 2:
+            raise launch._Signal(signal.SIGTERM)
+        return real(features, heads, batches, optimizers, epoch, *rest, **kw)
+    monkeypatch.setattr(linear, 'train_epoch', interrupted_in_epoch_2)
+    with pytest.raises(launch.Interrupted):
+        evaluate(finished, tmp_path)
+    monkeypatch.setattr(linear, 'train_epoch', real)
+    evaluate(finished, tmp_path, '--resume', 'auto')
+    assert csv_without(tmp_path / 'run_linear_statistics.csv', linear.WALL_CLOCK) == \
+        csv_without(grid_run[0] / 'run_linear_statistics.csv', linear.WALL_CLOCK)
+
+
+def test_a_diverging_head_stops_alone_and_says_so(finished, tmp_path, capsys):
+    stats = evaluate(finished, tmp_path, '--probe_norm', 'none', lr='1,1e38')
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if 'diverged' in line]
+    assert len(lines) == 1, err
+    found = re.fullmatch(r'linear\.py: head lr=1e\+38 diverged: the loss became (nan|inf) at epoch (\d), step (\d+); '
+                         r'it stops, the other heads go on', lines[0])
+    assert found, lines[0]
+    stopped = int(found.group(2))
+    after = stats['epoch'] >= stopped
+    assert stats['lr=1:train_loss'].notna().all()  # the other head went on to the end
+    assert stats.loc[after, 'lr=1e+38:train_loss'].isna().all() and stats.loc[~after, 'lr=1e+38:train_loss'].notna().all()
+    assert (stats.loc[after, 'head_lr'] == 1.0).all()  # a diverged head is never the one reported
+    assert len(stats) == 3
+
+
+def test_a_loss_far_above_a_uniform_guess_gives_one_warning(finished, tmp_path, capsys):
+    stats = evaluate(finished, tmp_path, '--probe_norm', 'none', lr='300')
+    err = capsys.readouterr().err
+    assert linear.blowing_up(stats['train_loss'].iloc[0], CLASSES), stats  # 34 here, against ln(4) = 1.39
+    assert err.count('warning: linear head lr=300: training loss ') == 1  # once, though every epoch is as bad
+    assert f'is far above ln(4) = {math.log(4):.2f}, the loss of a uniform guess' in err
+    assert all(linear.blowing_up(loss, CLASSES) for loss in stats['train_loss'])
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--lr', '1,10', '--val_split', '0'], '--lr with several values needs --val_split above 0'),
+    (['--lr', '1,x'], "argument --lr: 'x' is not a number"),
+    (['--lr', '1,1'], "argument --lr: '1,1' names a value twice"),
+    (['--lr', '1,-2'], 'argument --lr: must be a positive number, got -2'),
+    (['--val_split', '1'], 'argument --val_split: must be at least 0 and under 1, got 1'),
+    (['--probe_norm', 'ln'], "argument --probe_norm: invalid choice: 'ln'"),
+])
+def test_bad_grid_flags_are_one_line(extra, message, finished, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['linear.py', '--model_path', str(finished / 'run_model.pth'),
+                                      '--results_dir', str(tmp_path), '--device', 'cpu', *extra])
+    try:
+        status = launch.cli(linear.main, linear.parse_args)
+    except SystemExit as e:
+        status = e.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
