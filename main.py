@@ -81,16 +81,20 @@ def run_name(args):
 
 
 def count_model(model, classes, device):
-    """Params (M) and thop FLOPs (G, multiply-adds) of the backbone and of the backbone with a linear head
-    over `classes` classes, for one image."""
-    backbone = copy.deepcopy(model.backbone).eval()  # thop leaves buffers behind: count a copy
-    head = torch.nn.Sequential(backbone, torch.nn.Linear(model.backbone_dim, classes)).to(device)
+    """Params (M) and thop FLOPs (G, multiply-adds) for one 32x32 image: of the backbone, of the backbone with
+    a linear head over `classes` classes (what linear evaluation runs), and of the whole SimSiam model (the
+    backbone, projector and predictor of one view: what the seed's results table counts)."""
     x = torch.zeros(1, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE, device=device)
+    copy_ = copy.deepcopy(model).eval()  # thop leaves buffers behind: count a copy
+    head = torch.nn.Sequential(copy_.backbone, torch.nn.Linear(model.backbone_dim, classes)).to(device)
     flops, params = thop.profile(head, inputs=(x,), verbose=False)
+    copy_ = copy.deepcopy(model).eval()
+    simsiam_flops, _ = thop.profile(torch.nn.Sequential(copy_.backbone, copy_.projector, copy_.predictor),
+                                    inputs=(x,), verbose=False)
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     n_total = sum(p.numel() for p in model.parameters())
     return {'backbone_params_M': n_backbone / 1e6, 'linear_params_M': params / 1e6,
-            'flops_G': flops / 1e9, 'simsiam_params_M': n_total / 1e6}
+            'flops_G': flops / 1e9, 'simsiam_params_M': n_total / 1e6, 'simsiam_flops_G': simsiam_flops / 1e9}
 
 
 def build_optimizer(model, init_lr, momentum, wd, fix_pred_lr):
@@ -187,6 +191,7 @@ def pretrain(args, run, world, device):
 
     torch.manual_seed(args.seed)
     model = SimSiam(**model_args(args)).to(device)
+    counts = None
     if world.main:
         counts = count_model(model, len(train.classes), device)
         log(f'params: backbone {counts["backbone_params_M"]:.2f} M, backbone + linear head '
@@ -201,7 +206,7 @@ def pretrain(args, run, world, device):
     speed = launch.resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
     log(f'speed: {speed}', flush=True)
     run.write_record(device, {'lr_resolved': init_lr, 'speed': str(speed), 'train_images': len(train),
-                              'test_images': len(test), 'classes': train.classes})
+                              'test_images': len(test), 'classes': train.classes, 'counts': counts})
     source = utils.ViewSource(train, 'pretrain', speed.aug, args.seed, device,
                               launch.worker_count(args.num_workers, world), world)
     net = speed.prepare(model, lambda m: distributed.data_parallel(m, world, device))

@@ -5,6 +5,7 @@
 writes <name>_statistics.png beside each CSV. A pretraining log (also one of the seed repository, with
 only epoch, train_loss, test_acc@1, test_acc@5) and a linear-evaluation log are told apart by their columns.
 """
+import math
 import os
 import sys
 import threading
@@ -124,6 +125,32 @@ def plot_linear(df, path, title=''):
                          ('test_acc@5', 'test top-5')], 'linear classifier accuracy', '%')
     fig.suptitle(title)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_runs(logs, path):
+    """Several pretraining runs in one figure ({name: log}): kNN top-1, train loss and z_std_ratio against
+    epoch, one line per run (the paper's Fig. 2, for whatever runs there are)."""
+    fig = Figure(figsize=(FIGSIZE[0] * 1.25, FIGSIZE[1] / 1.5))
+    axes = fig.subplots(1, 3)
+    for ax, (column, title) in zip(axes, (('test_acc@1', 'kNN top-1 accuracy (%)'), ('train_loss', 'train loss'),
+                                          ('z_std_ratio', 'z_std_ratio (1 healthy, 0 collapsed)'))):
+        for name, df in logs.items():
+            if column in df and df[column].notna().any():
+                rows = df[df[column].notna()]
+                ax.plot(rows['epoch'], rows[column], marker='.' if len(rows) < 50 else None, label=name)
+        ax.set_title(title)
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+    axes[2].axhline(COLLAPSE_THRESHOLD, color='red', lw=0.8, ls='--', label='warning threshold')
+    axes[2].set_ylim(bottom=0)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        more, names = ax.get_legend_handles_labels()
+        handles += [h for h, n in zip(more, names) if n not in labels]
+        labels += [n for n in names if n not in labels]
+    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), fontsize='small')
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
     _save(fig, path)
 
 

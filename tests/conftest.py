@@ -180,3 +180,35 @@ def wait_for_file(path, timeout=120):
     while not os.path.exists(path):
         assert time.time() < deadline, f'{path} never appeared'
         time.sleep(0.05)
+
+
+# The paper's collapse findings (Sec. 4.1, 4.2) within a CPU budget: no BN on the projector output and a
+# high lr make the ablations collapse in a few epochs; SimSiam itself does not. Measured over seeds 0-5 in
+# README.md ("Reproducing the paper").
+COLLAPSE = ['--arch', 'resnet18', '--feature_dim', '256', '--pred_dim', '64', '--proj_hidden_dim', '256',
+            '--batch_size', '16', '--lr', '10', '--mlp_bn', 'hidden', '--epochs', '6', '--knn_every', '6',
+            '--k', '5', '--num_workers', '0', '--device', 'cpu', '--dataset', 'folder', '--seed', '0']
+COLLAPSE_RUNS = {'simsiam': [], 'no_stop_grad': ['--stop_grad', 'off'], 'no_predictor': ['--predictor', 'none']}
+
+
+@pytest.fixture(scope='session')
+def shapes64(tmp_path_factory):
+    """4 shape classes, 16 train and 4 test images per class (64 and 16): 4 steps of 16 an epoch."""
+    return write_folder(tmp_path_factory.mktemp('shapes64'), 16, 4, seed=0)
+
+
+@pytest.fixture(scope='session')
+def collapse_runs(shapes64, tmp_path_factory):
+    """A results folder with the three runs of COLLAPSE_RUNS, and what each printed on stderr."""
+    import contextlib
+    import io
+    import main
+    out = tmp_path_factory.mktemp('collapse')
+    printed = {}
+    for name, extra in COLLAPSE_RUNS.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            main.main(main.parse_args([*COLLAPSE, *extra, '--data_root', shapes64, '--results_dir', str(out),
+                                       '--name', name]))
+        printed[name] = err.getvalue()
+    return out, printed

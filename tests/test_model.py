@@ -223,3 +223,16 @@ def test_asymmetric_loss_is_its_one_term():
     one = -torch.nn.functional.cosine_similarity(p1, z2, dim=-1).mean()
     assert simsiam_loss(p1, p2, z1, z2, symmetric=False).item() == pytest.approx(one.item(), abs=1e-6)
     assert simsiam_loss(p1, p2, z1, z2).item() != pytest.approx(one.item(), abs=1e-3)
+
+
+def test_a_switch_that_is_not_simsiams_is_in_the_run_name():
+    base = ['--arch', 'resnet18', '--dataset', 'folder']
+    assert main.run_name(main.parse_args(base)) == 'resnet18_folder_2048_200_512_800'
+    assert main.run_name(main.parse_args(base + ['--stop_grad', 'off', '--loss', 'xent'])) == \
+        'resnet18_folder_2048_200_512_800_stop_grad-off_loss-xent'
+    assert main.run_name(main.parse_args(base + ['--predictor', 'fixed', '--fix_pred_lr'])) == \
+        'resnet18_folder_2048_200_512_800_predictor-fixed_fix_pred_lr'
+    names = {main.run_name(main.parse_args(base + extra)) for extra in (
+        [], ['--stop_grad', 'off'], ['--predictor', 'none'], ['--predictor', 'fixed'], ['--mlp_bn', 'none'],
+        ['--mlp_bn', 'hidden'], ['--mlp_bn', 'all'], ['--loss', 'xent'], ['--symmetric', 'off'], ['--fix_pred_lr'])}
+    assert len(names) == 10  # no ablation overwrites another's files, nor the baseline's
