@@ -203,32 +203,30 @@ def cli(main, parse_args):
 
 
 def _report(e, prog, world, where):
-    """The one line and the exit status of an exception that ended a script; anything else is raised."""
+    """Print the one line of an exception that ended a script and return the exit status; anything that is
+    not the user's to fix is raised again."""
     if isinstance(e, _Signal) and e.__context__ is not None and not isinstance(e.__context__, _Signal):
         return _report(e.__context__, prog, world, where)  # a signal while an error was being cleaned up
-    if isinstance(e, JobError):
-        if world.main:
-            print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    if isinstance(e, UserError):
-        print(f'{prog}{where}: error: {e}', file=sys.stderr)
-        return 2
     if isinstance(e, Interrupted):
-        if world.main:
-            print(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv, world)}',
-                  file=sys.stderr)
-        return 128 + e.signum
+        return _say(f'{prog}: interrupted by {e}; {e.saved}; continue with: {resume_command(sys.argv, world)}',
+                    128 + e.signum, world.main)
     if isinstance(e, _Signal):
-        if world.main:
-            print(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
-                  file=sys.stderr)
-        return 128 + e.signum
-    # torch.distributed.DistError and Gloo's connection errors derive from RuntimeError
-    if isinstance(e, RuntimeError) and world.distributed and _lost_peer(e):
-        print(f'{prog}{where}: error: lost contact with another process of the job, which has probably '
-              f'failed (its own message says why): {str(e).splitlines()[0][:200]}', file=sys.stderr)
-        return 1
+        return _say(f'{prog}: interrupted by {signal.Signals(e.signum).name} before training started',
+                    128 + e.signum, world.main)
+    if isinstance(e, JobError):  # every process met it alike: rank 0 says it for the job
+        return _say(f'{prog}: error: {e}', 2, world.main)
+    if isinstance(e, UserError):
+        return _say(f'{prog}{where}: error: {e}', 2, True)
+    if isinstance(e, RuntimeError) and world.distributed and _lost_peer(e):  # DistError, Gloo's errors
+        return _say(f'{prog}{where}: error: lost contact with another process of the job, which has probably '
+                    f'failed (its own message says why): {str(e).splitlines()[0][:200]}', 1, True)
     raise e
+
+
+def _say(line, status, show):
+    if show:
+        print(line, file=sys.stderr)
+    return status
 
 
 def _lost_peer(error):
@@ -396,10 +394,3 @@ def processes(device_flag, environ):
         yield world, device
     finally:
         distributed.close(world)
-
-
-def check_divisible(batch_size, world):
-    """--batch_size is the global batch: each of the W processes takes batch_size / W per step."""
-    if batch_size % world.world_size:
-        raise JobError(f'--batch_size {batch_size} does not split evenly over {world.world_size} processes; '
-                       f'use a multiple of {world.world_size}')

@@ -125,6 +125,13 @@ def run_record(settings, device, extra):
 
 # ----------------------------------------------------------------------------- the run
 
+def check_divisible(batch_size, world):
+    """--batch_size is the global batch: each of the W processes takes batch_size / W per step."""
+    if batch_size % world.world_size:
+        raise JobError(f'--batch_size {batch_size} does not split evenly over {world.world_size} processes; '
+                       f'use a multiple of {world.world_size}')
+
+
 class Run:
     """One run of a script under one name.
 
@@ -151,7 +158,7 @@ class Run:
         self._writing = None  # (epoch, wrote the model) of the set being written
         self._model_epoch = None  # the epoch of the model file on disk, when this run wrote it
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
-        launch.check_divisible(batch_size, world)
+        check_divisible(batch_size, world)
 
     def __enter__(self):
         return self

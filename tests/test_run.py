@@ -1,6 +1,7 @@
 """The life of a run below the scripts: atomic files and checkpoints, signals, the device, the schedule."""
 import math
 import os
+import re
 import signal
 import time
 
@@ -212,3 +213,19 @@ def test_save_time_is_the_wait_and_the_snapshot(tmp_path):
     rows = saved(tmp_path / 'fake_state.pth')['rows']
     assert [row['epoch'] for row in rows] == [1, 2, 3]
     assert all(0 <= row['save_time'] < 5 for row in rows)  # in the state's rows too, for a resumed CSV
+
+
+def test_benchmark_measures_the_fixed_costs_and_the_phases_of_an_epoch():
+    from conftest import run_script
+    r = run_script('benchmark.py', '--arch', 'resnet18', '--parts', 'fixed,phases', '--repeats', '1', '--rows', '20',
+                   '--batch_size', '16', '--images', '32', '--knn_bank', '64', '--knn_queries', '16',
+                   '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    blocking, background = map(float, re.findall(r'\d+\.\d+', next(l for l in lines if 'loop waits per epoch' in l)))
+    assert background < blocking
+    phases = {line.split()[0]: float(line.split()[-2]) for line in lines
+              if line.strip().split()[:1] and line.strip().split()[0] in ('augmentation', 'backward', 'optimizer')}
+    total = float(next(line for line in lines if line.strip().startswith('total')).split()[1])
+    assert set(phases) == {'augmentation', 'backward', 'optimizer'} and 0 < sum(phases.values()) < total
+    assert 'blocking / background saving and plotting' in r.stdout
