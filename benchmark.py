@@ -241,12 +241,12 @@ def saving(model, optimizer, arch, folder, background):
     """A run.Run of main.py in `folder` and the checkpoint() main.py hands it, for `model`."""
     from distributed import SINGLE
     from run import Run
-    args = pretrain.parse_args(['--arch', arch])
-    common = {'model_args': pretrain.model_args(args), 'dataset': 'cifar10', 'classes': [str(i) for i in range(10)]}
+    settings = {'arch': arch, 'feature_dim': 2048, 'pred_dim': 512, 'proj_hidden_dim': 2048, 'dataset': 'cifar10'}
+    common = {'model_args': pretrain.model_args(settings), 'dataset': 'cifar10', 'classes': list('0123456789')}
     checkpoint = lambda: ({'kind': 'simsiam_model', 'state_dict': model.state_dict(), **common},
                           {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), **common})
     with contextlib.redirect_stdout(None):  # Run prints the arguments, as a script's run does
-        r = Run('main.py', vars(args), folder, f'bench_{background}', pretrain.OUTPUTS, 'simsiam_state',
+        r = Run('main.py', settings, folder, f'bench_{background}', pretrain.OUTPUTS, 'simsiam_state',
                 pretrain.COLUMNS, 1, SINGLE, background)
     with r:
         r.painter = plot.Painter(every=0)  # every repetition draws

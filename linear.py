@@ -27,6 +27,7 @@ UserError = launch.UserError
 # The default grid of base lrs, half a decade apart: the seed's 30 for a plain head on raw features, and
 # the 0.01-0.1 where a BN probe on 512-d features trained best here (README.md, "Linear evaluation").
 LR_GRID = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+PROBE_NORM = 'bn'  # the default probe (README.md, "Linear evaluation": why)
 
 
 def parse_args(argv=None):
@@ -38,7 +39,7 @@ def parse_args(argv=None):
                    help='base learning rate, or a comma-separated grid: one head per value, all on the same pass '
                         'of the backbone, the best chosen on --val_split; each optimiser uses lr x batch_size / '
                         '256. The seed trains one plain head at 30')
-    p.add_argument('--probe_norm', default='bn', choices=PROBE_NORMS,
+    p.add_argument('--probe_norm', default=PROBE_NORM, choices=PROBE_NORMS,
                    help='bn: a BatchNorm without affine parameters in front of the linear head, so the lr does '
                         'not depend on the scale of the features; none: the plain linear head of the seed')
     p.add_argument('--val_split', type=launch.or_auto(launch.fraction), default='auto',

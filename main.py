@@ -162,11 +162,13 @@ OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 
            'neighbours': 'neighbours.png', 'record': 'args.json'}
 
 
-def model_args(args):
-    """The SimSiam constructor's arguments: what a checkpoint needs to rebuild the model."""
-    return {'arch': args.arch, 'feature_dim': args.feature_dim, 'pred_dim': args.pred_dim,
-            'proj_hidden_dim': args.proj_hidden_dim, 'predictor': args.predictor, 'mlp_bn': args.mlp_bn,
-            'stop_grad': args.stop_grad == 'on'}
+def model_args(settings):
+    """The SimSiam constructor's arguments from a run's settings (its arguments as a dict; a switch they lack
+    is SimSiam's): what a checkpoint needs to rebuild the model."""
+    s = {**ABLATIONS, **settings}
+    return {'arch': s['arch'], 'feature_dim': s['feature_dim'], 'pred_dim': s['pred_dim'],
+            'proj_hidden_dim': s['proj_hidden_dim'], 'predictor': s['predictor'], 'mlp_bn': s['mlp_bn'],
+            'stop_grad': s['stop_grad'] == 'on'}
 
 
 def main(args):
@@ -190,7 +192,7 @@ def pretrain(args, run, world, device):
          if world.distributed else ''), flush=True)
 
     torch.manual_seed(args.seed)
-    model = SimSiam(**model_args(args)).to(device)
+    model = SimSiam(**model_args(vars(args))).to(device)
     counts = None
     if world.main:
         counts = count_model(model, len(train.classes), device)
@@ -239,7 +241,7 @@ def pretrain(args, run, world, device):
         return row
 
     def checkpoint():
-        common = {'model_args': model_args(args), 'dataset': args.dataset, 'classes': train.classes}
+        common = {'model_args': model_args(vars(args)), 'dataset': args.dataset, 'classes': train.classes}
         weights = model.state_dict()
         return ({'kind': 'simsiam_model', 'state_dict': weights, **common},
                 {'model': weights, 'optimizer': optimizer.state_dict(), **common})

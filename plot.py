@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  (not pyplot: figures drawn on a painter thread)
 
 import files  # noqa: E402
+import launch  # noqa: E402
 from launch import UserError  # noqa: E402
 from monitor import COLLAPSE_THRESHOLD  # noqa: E402
 
@@ -198,18 +199,19 @@ def plot_neighbours(queries, neighbours, query_labels, neighbour_labels, similar
     _save(fig, path)
 
 
-def main(paths):
-    if not paths:
-        raise UserError('give one or more CSV logs, e.g. python plot.py results/<name>_statistics.csv')
-    for path in paths:
+def parse_args(argv=None):
+    p = launch.Parser(description='Redraw the picture of pretraining or linear-evaluation CSV logs (<name>.png '
+                                  'beside each <name>.csv).')
+    p.add_argument('csv', nargs='+', help='a <name>_statistics.csv or <name>_linear_statistics.csv')
+    return p.parse_args(argv)
+
+
+def main(args):
+    for path in args.csv:
         if not os.path.isfile(path):
             raise UserError(f'{path!r} does not exist')
         print(f'{path} -> {plot_csv(path)}')
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f'plot.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
+    sys.exit(launch.cli(main, parse_args))

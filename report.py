@@ -74,11 +74,9 @@ def counts(settings, classes):
     """The model sizes of a run: from its record if it has them, else counted from its settings."""
     key = json.dumps([settings, classes], sort_keys=True)
     if key not in _COUNTS:
-        args = pretraining.parse_args([])
-        for k, v in settings.items():
-            setattr(args, k, v)
         torch.manual_seed(0)
-        _COUNTS[key] = pretraining.count_model(SimSiam(**pretraining.model_args(args)), classes, torch.device('cpu'))
+        _COUNTS[key] = pretraining.count_model(SimSiam(**pretraining.model_args(settings)), classes,
+                                               torch.device('cpu'))
     return _COUNTS[key]
 
 
@@ -118,7 +116,7 @@ def pretrain_row(name, df, record):
 
 def probe_settings(settings):
     """linear.py's own settings that are not its defaults: the probe and the learning rates."""
-    defaults = vars(linear.parse_args([]))
+    defaults = {'probe_norm': linear.PROBE_NORM, 'lr': linear.LR_GRID}
     return [f'--{flag} {",".join(f"{v:g}" for v in value) if isinstance(value, list) else value}'
             for flag in ('probe_norm', 'lr') for value in [settings.get(flag, defaults[flag])]
             if value != defaults[flag]]

@@ -37,7 +37,7 @@ def test_the_table_has_a_row_per_run_with_the_numbers_of_its_csv(folder):
     rows = {row['Run']: row for row in cells(r.stdout)}
     assert sorted(rows) == ['no_predictor', 'no_stop_grad', 'simsiam', 'simsiam_linear']
     assert (folder / 'report.md').read_text() == r.stdout[:r.stdout.index('4 run(s)')]
-    settings = main.parse_args(COLLAPSE)
+    settings = vars(main.parse_args(COLLAPSE))
     simsiam = main.count_model(SimSiam(**main.model_args(settings)), 4, torch.device('cpu'))
     for name in ('simsiam', 'no_stop_grad', 'no_predictor'):
         row, log = rows[name], pd.read_csv(folder / f'{name}_statistics.csv')
