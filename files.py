@@ -67,9 +67,15 @@ class _Recording:
 
 
 def _temporary(path):
+    """(descriptor, absolute name) of a new temporary file beside `path`, whose name recover_set knows."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.fchmod(fd, _UMASK_MODE)  # mkstemp makes files private (0600); results are for sharing
+    try:
+        os.fchmod(fd, _UMASK_MODE)  # mkstemp makes files private (0600); results are for sharing
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
     return fd, tmp
 
 
@@ -94,10 +100,10 @@ def write_set(parts, journal):
     done = []
     try:
         for path, write in parts:
-            fd, tmp = _temporary(path)
-            done.append((tmp, path))
             recording = None
             try:
+                fd, tmp = _temporary(path)
+                done.append((tmp, os.path.abspath(path)))  # absolute: the next start may run elsewhere
                 with os.fdopen(fd, 'wb') as f:
                     recording = _Recording(f)
                     write(recording)
@@ -119,7 +125,10 @@ def write_set(parts, journal):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    _commit(done, journal)
+    try:
+        _commit(done, journal)
+    except OSError as e:  # committed: the next start completes the renames from the journal
+        raise WriteFailed(e.filename or journal, e) from None
 
 
 def _commit(renames, journal):
@@ -133,6 +142,7 @@ def _commit(renames, journal):
 def recover_set(journal, paths):
     """Before a run uses its files (holding its lock): complete a set that a kill interrupted after its
     commit, and remove the temporary files of one interrupted before it. Returns what it did, or None."""
+    notes = []
     if os.path.exists(journal):
         try:
             with open(journal) as f:
@@ -141,13 +151,15 @@ def recover_set(journal, paths):
             renames = None  # never written whole: atomic_open makes that impossible, but do no harm
         if renames is not None:
             _commit(renames, journal)
-            return f'completed the saved set that an interruption left half renamed ({journal})'
-    stale = [tmp for path in paths for tmp in glob.glob(glob.escape(os.path.join(
+            notes.append(f'completed the saved set that an interruption left half renamed ({journal})')
+    stale = [tmp for path in [*paths, journal] for tmp in glob.glob(glob.escape(os.path.join(
         os.path.dirname(path), '.' + os.path.basename(path))) + '.*.tmp')]
     for tmp in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return f'removed {len(stale)} temporary file(s) of an interrupted save' if stale else None
+    if stale:
+        notes.append(f'removed {len(stale)} temporary file(s) of an interrupted save')
+    return '; '.join(notes) or None
 
 
 def host_copy(obj, into=None, memo=None):
@@ -299,7 +311,10 @@ class RunLock:
 
     def acquire(self):
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _UMASK_MODE)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _UMASK_MODE)
+            except OSError as e:
+                raise UserError(f'cannot create the lock file {self.path!r} ({e.strerror})') from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -317,8 +332,9 @@ class RunLock:
             if same:  # not a file that its last holder removed between our open and our lock
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'pid {os.getpid()} on host {socket.gethostname()}\n'.encode())
+        with contextlib.suppress(OSError):  # who holds it is for the message of a second run; a full disk may refuse
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on host {socket.gethostname()}\n'.encode())
         self.fd = fd
         _HELD.add(fd)
         return self

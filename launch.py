@@ -31,8 +31,11 @@ class JobError(UserError):
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch, step, value):
-        super().__init__(f'the loss became {value} at epoch {epoch}, step {step}')
+    """A loss that is not finite: of a training step, or (step None) of the evaluation after an epoch."""
+
+    def __init__(self, epoch, step, value, what=''):
+        super().__init__(f'the loss became {value} at epoch {epoch}, step {step}' if step is not None else
+                         f'the {what} loss became {value} after epoch {epoch}')
 
 
 class Interrupted(Exception):
@@ -297,13 +300,10 @@ def ignore_signals_in_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-@contextlib.contextmanager
-def interruptible(saved):
-    """Within the block a signal becomes Interrupted(signum, saved()), `saved` describing what is on disk."""
-    try:
-        yield
-    except _Signal as e:
-        raise Interrupted(e.signum, saved()) from None
+def interruption(error, saved):
+    """Interrupted(signum, saved()) when `error` is what SIGINT or SIGTERM raised (`saved` says what is on disk
+    to continue from), else None."""
+    return Interrupted(error.signum, saved()) if isinstance(error, _Signal) else None
 
 
 # ----------------------------------------------------------------------------- device and speed
@@ -389,6 +389,8 @@ def processes(device_flag, environ):
             raise UserError(f'LOCAL_RANK {world.local_rank}, but this machine has {torch.cuda.device_count()} '
                             f'CUDA device(s): start at most that many processes per node')
         device = torch.device('cuda', world.local_rank)
+    if device.type == 'cuda' and device.index is not None:
+        torch.cuda.set_device(device)  # the current device: where the writer's event waits on the copies
     distributed.init(world, device)
     try:
         yield world, device

@@ -19,7 +19,7 @@ import plot
 import utils
 from augment import normalize
 from model import PROBE_NORMS, Probe, cifar_resnet
-from run import Run, cosine_lr, first_non_finite
+from run import Run, cosine_lr, first_non_finite, scaled_lr
 
 UserError = launch.UserError
 
@@ -237,12 +237,20 @@ def evaluate(args, run, world, device):
     def load_run():
         ckpt = files.load_checkpoint(args.model_path, PRETRAINED, '--model_path')
         load_backbone(ckpt, args.model_path)  # refuse a checkpoint that does not fit before anything else
-        return ckpt, run.find_state()
+        state = run.find_state()
+        if state is not None and state.get('pretrained_epoch', ckpt['epoch']) != ckpt['epoch']:
+            raise UserError(f'--resume: the saved evaluation is of pretraining epoch {state["pretrained_epoch"]}, '
+                            f'but {args.model_path!r} now holds epoch {ckpt["epoch"]}; evaluate it afresh under '
+                            f'another --name or --results_dir')
+        return ckpt, state
     ckpt, state = launch.on_main(load_run, world)
     backbone, dim = load_backbone(ckpt, args.model_path)
     dataset = args.dataset or ckpt['args']['dataset']
     train, test = run.load_data(dataset, args.data_root or ckpt['args']['data_root'], args.batch_size)
     train, val = utils.split_off(train, val_split, args.seed)
+    if len(lrs) > 1 and not len(val):
+        raise launch.JobError(f'--val_split {val_split} holds out no image of the {len(train)} training images: '
+                              f'the heads of the grid could not be compared; raise it')
     if args.batch_size > len(train):
         raise launch.JobError(f'--batch_size {args.batch_size} is larger than the training set less --val_split '
                               f'({len(train)} images): no step would run')
@@ -262,7 +270,7 @@ def evaluate(args, run, world, device):
     heads = heads.to(device)
     if world.distributed:
         heads = distributed.sync_batchnorm(heads, device)  # the probe's BN sees the global batch
-    init_lrs = [lr * args.batch_size / 256 for lr in lrs]  # batch_size is the global batch
+    init_lrs = [scaled_lr(lr, args.batch_size) for lr in lrs]
     optimizers = [torch.optim.SGD(h.parameters(), lr=init, momentum=args.momentum, weight_decay=0.0)
                   for h, init in zip(heads, init_lrs)]
     dead, warned = {}, []  # {head: why it stopped}, heads warned of a loss blowing up
@@ -286,6 +294,19 @@ def evaluate(args, run, world, device):
     first_epoch = run.done + 1
     chosen = [0]
 
+    def stop_diverged(diverged, live):
+        """The live heads less those in `diverged` ({head: NonFiniteLoss}), each of which stops with a line while
+        others go on; when none is left, the run stops as a single head's does."""
+        for i, e in diverged.items():
+            dead[i] = str(e)
+            if len(diverged) < len(live):
+                log(f'linear.py: head {head_name(lrs[i])} diverged: {e}; it stops, the other heads go on',
+                    file=sys.stderr, flush=True)
+        still = [i for i in live if i not in diverged]
+        if not still:
+            raise diverged[max(diverged)]
+        return still
+
     def one_epoch(epoch):
         lr_now = [cosine_lr(init, epoch - 1, args.epochs) for init in init_lrs]
         for optimizer, lr in zip(optimizers, lr_now):
@@ -297,17 +318,14 @@ def evaluate(args, run, world, device):
         with tqdm(batches, total=steps, desc=f'Linear Epoch [{epoch}/{args.epochs}]',
                   dynamic_ncols=True, disable=not world.main) as bar:
             trains, diverged = train_epoch(features, trained, bar, optimizers, epoch, live, world, bar=bar)
-        for i, e in diverged.items():
-            dead[i] = str(e)
-            if len(diverged) < len(live):
-                log(f'linear.py: head {head_name(lrs[i])} diverged: {e}; it stops, the other heads go on',
-                    file=sys.stderr, flush=True)
-        live = [i for i in live if i not in diverged]
-        if not live:
-            raise diverged[max(diverged)]
+        live = stop_diverged(diverged, live)
         tests = test_epoch(features, heads, test_batches(test, args.batch_size, device, world), live, world)
         vals = test_epoch(features, heads, test_batches(val, args.batch_size, device, world), live, world) \
             if len(val) else None
+        # a last step can leave a head whose logits overflow: it must not be the one chosen
+        live = stop_diverged({i: launch.NonFiniteLoss(epoch, None, numbers[i][0], what) for i in live
+                              for what, numbers in (('test', tests), ('validation', vals))
+                              if numbers and not math.isfinite(numbers[i][0])}, live)
         if epoch == first_epoch:
             changed = changed_entries(backbone, frozen)
             if changed:
@@ -333,7 +351,7 @@ def evaluate(args, run, world, device):
 
     def checkpoint():
         common = {'model_args': ckpt['model_args'], 'classes': train.classes, 'pretrain_args': ckpt['args'],
-                  'head_lr': lrs[chosen[0]]}
+                  'pretrained_epoch': ckpt['epoch'], 'head_lr': lrs[chosen[0]]}
         model = {'kind': 'simsiam_linear', 'backbone': backbone.state_dict(), 'head': heads[chosen[0]].state_dict(),
                  **common}
         progress = {'dead': dict(dead), 'warned': list(warned)}

@@ -20,7 +20,7 @@ import monitor
 import plot
 import utils
 from model import ARCHS, MLP_BN, PREDICTORS, SIMILARITIES, SimSiam, simsiam_loss
-from run import Run, cosine_lr, first_non_finite
+from run import Run, cosine_lr, first_non_finite, scaled_lr
 
 UserError = launch.UserError
 
@@ -71,7 +71,8 @@ ABLATIONS = {'stop_grad': 'on', 'predictor': 'mlp', 'mlp_bn': 'default', 'loss':
 
 
 def run_name(args):
-    """Output file prefix: differs whenever a setting that changes the run's result differs."""
+    """Output file prefix: the seed's fields and each ablation switch that is not SimSiam's. Runs that differ in
+    another flag (--lr, --seed, ...) need a --name each; a new run never overwrites an existing state."""
     if args.name:
         return args.name
     changed = ''.join(f'_{flag}-{getattr(args, flag)}' for flag, default in ABLATIONS.items()
@@ -201,7 +202,7 @@ def pretrain(args, run, world, device):
             f'FLOPs {counts["flops_G"]:.2f} G per image (thop)', flush=True)
     if world.distributed:
         model = distributed.sync_batchnorm(model, device)  # BN statistics of the global batch, per view
-    init_lr = args.lr * args.batch_size / 256  # batch_size is the global batch
+    init_lr = scaled_lr(args.lr, args.batch_size)
     optimizer = build_optimizer(model, init_lr, args.momentum, args.wd, args.fix_pred_lr)
     run.restore(state, {'model': model}, optimizer, 'model', args.epochs)
 
@@ -256,11 +257,11 @@ def pretrain(args, run, world, device):
              lambda rows: plot.plot_pretrain(pd.DataFrame(rows, columns=COLUMNS), run.paths['plot'], name), describe)
     if not world.main:
         return
-    if features:
-        plot.plot_neighbours(*monitor.neighbour_panel(train, test, *features, plot.NEIGHBOURS), train.classes,
-                             run.paths['neighbours'])
+    neighbours = [lambda: plot.plot_neighbours(*monitor.neighbour_panel(train, test, *features, plot.NEIGHBOURS),
+                                               train.classes, run.paths['neighbours'])] if features else []
     last = run.rows[-1]
-    run.finish(f'epoch {last["epoch"]} kNN acc@1 {last["test_acc@1"]:.2f}% acc@5 {last["test_acc@5"]:.2f}%')
+    run.finish(f'epoch {last["epoch"]} kNN acc@1 {last["test_acc@1"]:.2f}% acc@5 {last["test_acc@5"]:.2f}%',
+               neighbours)
 
 
 if __name__ == '__main__':

@@ -133,15 +133,17 @@ class Probe(nn.Linear):
 
     norm 'bn' puts a BatchNorm without affine parameters in front of it (as MAE's linear probing does):
     the features are centred and scaled by their running statistics, so the same lr works whatever their
-    scale, and at test time it is still one linear map. norm 'none' is the plain Linear of the seed.
-    Initialised as the official code does: weights N(0, 0.01), biases 0.
+    scale, and at test time it is still one linear map. The features are frozen, so their statistics do not
+    drift: the running statistics are the plain average over every batch seen (momentum None), not an
+    exponential one that lags behind for its first few dozen steps. norm 'none' is the plain Linear of the
+    seed. Initialised as the official code does: weights N(0, 0.01), biases 0.
     """
 
     def __init__(self, dim, classes, norm='bn'):
         super().__init__(dim, classes)
         self.weight.data.normal_(mean=0.0, std=0.01)
         self.bias.data.zero_()
-        self.norm = nn.BatchNorm1d(dim, affine=False) if norm == 'bn' else nn.Identity()
+        self.norm = nn.BatchNorm1d(dim, affine=False, momentum=None) if norm == 'bn' else nn.Identity()
 
     def forward(self, x):
         return super().forward(self.norm(x))  # NxD -> NxC

@@ -67,6 +67,11 @@ class Painter:
         if self._thread is not None:
             self._thread.join()
 
+    def now(self, draw):
+        """Draw `draw` on this thread, after the drawing in progress, a failure warned of as any other."""
+        self.stop()
+        self._draw(draw)
+
     def _start(self):
         draw, self._pending, self._started = self._pending, None, time.monotonic()
         self._thread = threading.Thread(target=self._draw, args=(draw,), name='painter', daemon=True)
@@ -75,11 +80,11 @@ class Painter:
     def _draw(self, draw):
         try:
             draw()
-        except OSError as e:
+        except Exception as e:  # noqa: B902 (a picture, however it fails, must not stop the run)
             if not self._warned:
                 self._warned = True
-                self.warn(f'warning: could not draw a picture ({e}); the run goes on, and plot.py redraws it '
-                          f'from the CSV')
+                self.warn(f'warning: could not draw a picture ({type(e).__name__}: {e}); the run goes on, and '
+                          f'plot.py redraws the statistics from the CSV')
 
 
 def _panel(ax, df, columns, title, ylabel=None):

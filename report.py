@@ -2,13 +2,14 @@
 
     python report.py results
 
-Finds every pretraining run (`<name>_statistics.csv`) and linear evaluation (`<name>_linear_statistics.csv`)
-in the folder and writes, from the CSVs, the `<name>_args.json` records and the checkpoints (nothing is
-retrained), `report.md` (printed too): one row per run, Evaluation Protocol (KNN for a pretraining run,
-Linear for an evaluation), Params (M), FLOPs (G), Feature Dim, Batch Size, Epoch Num, K, Top1 Acc %, Top5
-Acc %, then the ablation switches that differ from SimSiam's; and `report.png`: kNN top-1, train loss and
-z_std_ratio against epoch, one line per pretraining run. Runs still in progress, folders with linear runs
-only and the seed's 4-column CSVs are read as they are; what a file does not say is '-'.
+Finds every pretraining run (`<name>_statistics.csv`) and linear evaluation (`<name>_linear_statistics.csv`,
+or the seed's `linear_statistics.csv`: a log with training accuracy columns is an evaluation) in the folder
+and writes, from the CSVs and the `<name>_args.json` records (nothing is retrained), `report.md` (printed
+too): one row per run, Evaluation Protocol (KNN for a pretraining run, Linear for an evaluation), Params
+(M), FLOPs (G), Feature Dim, Batch Size, Epoch Num, K, Top1 Acc %, Top5 Acc %, then the ablation switches
+that differ from SimSiam's; and `report.png`: kNN top-1, train loss and z_std_ratio against epoch, one line
+per pretraining run. Runs still in progress, folders with linear runs only and the seed's CSVs are read as
+they are; what a file does not say is '-', and the switches of a run without its record are 'unknown'.
 """
 import glob
 import json
@@ -45,16 +46,11 @@ def read_json(path):
         return {}
 
 
-def find_runs(folder):
-    """{name: CSV} of the pretraining runs and {name: CSV} of the linear evaluations in `folder`."""
-    pretrain, linear = {}, {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), '*_statistics.csv'))):
-        stem = os.path.basename(path)[:-len('_statistics.csv')]
-        if stem.endswith('_linear'):
-            linear[stem[:-len('_linear')]] = path
-        else:
-            pretrain[stem] = path
-    return pretrain, linear
+def find_logs(folder):
+    """{stem: CSV} of every `<stem>_statistics.csv` in `folder`: a pretraining run's (stem `<name>`) or a linear
+    evaluation's (`<name>_linear`; the seed's is plain `linear`), told apart later by their columns."""
+    return {os.path.basename(path)[:-len('_statistics.csv')]: path
+            for path in sorted(glob.glob(os.path.join(glob.escape(folder), '*_statistics.csv')))}
 
 
 def read_log(path):
@@ -80,8 +76,13 @@ def counts(settings, classes):
     return _COUNTS[key]
 
 
+UNKNOWN = ['unknown (no <name>_args.json)']  # the switches of a run without its record
+
+
 def switches(settings):
     """The ablation switches of a run's settings that are not SimSiam's, as flags."""
+    if not settings:
+        return UNKNOWN
     changed = [f'--{flag} {settings[flag]}' for flag, default in pretraining.ABLATIONS.items()
                if settings.get(flag, default) != default]
     return changed + (['--fix_pred_lr'] if settings.get('fix_pred_lr') else [])
@@ -122,17 +123,20 @@ def probe_settings(settings):
             if value != defaults[flag]]
 
 
-def linear_row(name, df, record):
+def linear_row(stem, df, record):
     settings = record.get('args', {})
     pretrained = record.get('pretrained', {}).get('args', {})
     classes = len(record.get('classes', [])) or 10
     sizes = counts(pretrained, classes) if pretrained else {}
     top1, top5 = last_measured(df)
-    return {'run': f'{name}_linear', 'Evaluation Protocol': 'Linear',
+    epoch, planned = record.get('pretrained', {}).get('epoch'), pretrained.get('epochs')
+    if epoch is not None and planned is not None and epoch < planned:  # a run in progress, evaluated from its state
+        stem = f'{stem} (of pretraining epoch {epoch} of {planned})'
+    return {'run': stem, 'Evaluation Protocol': 'Linear',
             'Params (M)': number(sizes.get('linear_params_M')), 'FLOPs (G)': number(sizes.get('flops_G')),
             'Feature Dim': '-', 'Batch Size': settings.get('batch_size', '-'), 'Epoch Num': epochs_done(df, settings),
             'K': '-', 'Top1 Acc %': number(top1, 1), 'Top5 Acc %': number(top5, 1),
-            'switches': switches(pretrained) + probe_settings(settings)}
+            'switches': switches(pretrained) + (probe_settings(settings) if settings else [])}
 
 
 def markdown(rows):
@@ -149,16 +153,19 @@ def report(folder):
     """(the Markdown table, the rows, {name: pretraining log}) of the runs in `folder`."""
     if not os.path.isdir(folder):
         raise launch.UserError(f'{folder!r} is not a folder')
-    pretrain, linear = find_runs(folder)
-    if not pretrain and not linear:
+    found = find_logs(folder)
+    if not found:
         raise launch.UserError(f'{folder!r} holds no run: no <name>_statistics.csv or '
                                f'<name>_linear_statistics.csv in it')
-    rows, logs = [], {}
-    for name, path in pretrain.items():
-        logs[name] = read_log(path)
-        rows.append(pretrain_row(name, logs[name], read_json(os.path.join(folder, f'{name}_args.json'))))
-    for name, path in linear.items():
-        rows.append(linear_row(name, read_log(path), read_json(os.path.join(folder, f'{name}_linear_args.json'))))
+    rows, evaluations, logs = [], [], {}
+    for stem, path in found.items():
+        df, record = read_log(path), read_json(os.path.join(folder, f'{stem}_args.json'))
+        if 'train_acc@1' in df:  # a linear evaluation's columns
+            evaluations.append(linear_row(stem, df, record))
+        else:
+            logs[stem] = df
+            rows.append(pretrain_row(stem, df, record))
+    rows += evaluations
     return markdown(rows), rows, logs
 
 

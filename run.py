@@ -29,6 +29,16 @@ def cosine_lr(init_lr, epoch, epochs):
     return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
+def scaled_lr(base_lr, batch_size):
+    """The lr of SGD: base_lr x batch_size / 256 (the paper's rule, Sec. 4), batch_size the global batch; one
+    that float32 weights cannot be stepped with is refused."""
+    lr = base_lr * batch_size / 256
+    if lr > torch.finfo(torch.float32).max:
+        raise JobError(f'--lr {base_lr:g} gives SGD an lr of {lr:.3g} (x batch_size {batch_size} / 256), beyond '
+                       f'float32 ({torch.finfo(torch.float32).max:.3g}); use a smaller --lr')
+    return lr
+
+
 def first_non_finite(losses, epoch, last_step):
     """Raise NonFiniteLoss for the first non-finite value of `losses` (CPU, one per step, the last being
     step `last_step` of `epoch`)."""
@@ -139,8 +149,10 @@ class Run:
     outputs: {key: file-name suffix}, with at least 'csv', 'model', 'state', 'plot' and 'record';
     state_kind: the 'kind' of its state file; columns: the CSV's columns (with 'save_time' among them).
 
-    `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk: a set is
-    written in the background while the next epoch trains (files.BackgroundWriter).
+    `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk in
+    results_dir (None until rank 0 has looked): a set is written in the background while the next epoch
+    trains (files.BackgroundWriter). From the moment it is entered, a SIGINT or SIGTERM ends the run with an
+    Interrupted that says what is on disk, once the set in flight is.
     """
 
     def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world,
@@ -151,11 +163,12 @@ class Run:
         self.lock = files.RunLock(os.path.join(results_dir, f'.{name}.lock'), os.path.join(results_dir, name))
         self.state_kind, self.columns, self.world = state_kind, columns, world
         self.log = launch.printer(world)
-        self.rows, self.done, self.saved_epoch = [], 0, 0
+        self.rows, self.done, self.saved_epoch, self.failed = [], 0, None, None
         self.writer = files.BackgroundWriter(background)
         self.painter = plot.Painter()
         self._snapshot = None  # (epoch, model dict, whether its set wrote it) of the set last handed over
         self._writing = None  # (epoch, wrote the model) of the set being written
+        # self.failed: the WriteFailed of a set that could not be written; the run stops on it
         self._model_epoch = None  # the epoch of the model file on disk, when this run wrote it
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
         check_divisible(batch_size, world)
@@ -164,12 +177,17 @@ class Run:
         return self
 
     def __exit__(self, kind, error, trace):
+        interrupted = None
         with launch.signals_ignored():  # the run is ending: a signal now must not cut its last write short
             try:
+                if self.saved_epoch is not None:  # else a signal came before anything was known of the disk
+                    interrupted = launch.interruption(error, self.saved)
                 failed = self.settle()  # the last set is complete on disk before the script exits
                 self.painter.stop()
             finally:
                 self.lock.release()
+        if interrupted is not None:
+            raise interrupted from None
         if failed is not None and kind is None:
             raise UserError(f'{failed}; {self.kept()}')
 
@@ -182,8 +200,12 @@ class Run:
         note = files.recover_set(self.journal, list(self.paths.values()))
         if note:
             print(note, flush=True)
-        return find_state(self.settings['resume'], self.paths['state'], self.state_kind, self.script,
-                          self.settings)
+        resume = self.settings['resume']
+        state = find_state(resume, self.paths['state'], self.state_kind, self.script, self.settings)
+        here = state is not None and os.path.realpath(self.paths['state'] if resume == 'auto' else resume) == \
+            os.path.realpath(self.paths['state'])
+        self.saved_epoch = state['epoch'] if here else 0  # a state resumed from elsewhere is not saved here
+        return state
 
     def load_data(self, dataset, data_root, batch_size):
         """(train, test) of the dataset, read by rank 0; a batch larger than the training set is refused."""
@@ -213,7 +235,6 @@ class Run:
             raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
         set_rng_state(state['rng'])
         self.rows, self.done = list(state['rows']), state['epoch']
-        self.saved_epoch = self.done
         self.log(f'resuming after epoch {self.done} of {epochs}' if self.done < epochs else
                  f'the run is already complete ({self.done} epochs)', flush=True)
 
@@ -226,25 +247,30 @@ class Run:
     # --------------------------------------------------------------------- what is on disk
 
     def settle(self):
-        """Wait for the set being written; returns its WriteFailed, or None once it is on disk."""
-        if self._writing is None:
-            return None
-        with launch.signals_ignored():  # a second Ctrl-C must not cut this wait short: the write is seconds
-            failed = self.writer.wait()
-        epoch, with_model = self._writing
-        self._writing = None
-        if failed is None:
-            self.saved_epoch = epoch
-            if with_model:
-                self._model_epoch = epoch
-        return failed
+        """Wait for the set being written (what a signal does meanwhile is the caller's to decide); returns
+        the WriteFailed of this set or of an earlier one, or None when all are on disk."""
+        if self._writing is not None:
+            epoch, with_model = self._writing
+            try:
+                failed = self.writer.wait()
+            finally:
+                self._writing = None
+            if failed is not None:
+                self.failed = failed
+            else:
+                self.saved_epoch = epoch
+                if with_model:
+                    self._model_epoch = epoch
+        return self.failed
 
     def saved(self):
-        """What is on disk to continue from, for the interrupt line: the set being written is waited for,
-        and the model file brought up to that epoch if --save_every had left it behind."""
-        self.settle()
+        """What is on disk to continue from, for the interrupt line (signals held off by the caller): the set
+        being written is waited for, and the model file brought up to its epoch if --save_every had left it
+        behind and this process has the epoch's weights."""
+        if self.settle() is not None:
+            return f'{self.failed}; {self.kept()}'
         if self._snapshot is not None and self._snapshot[0] == self.saved_epoch != self._model_epoch:
-            with launch.signals_ignored(), contextlib.suppress(files.WriteFailed):
+            with contextlib.suppress(files.WriteFailed):
                 files.write_set([(self.paths['model'], _saver(self._snapshot[1]))], self.journal)
                 self._model_epoch = self.saved_epoch
         return (f'epochs 1-{self.saved_epoch} are saved in {self.paths["state"]}' if self.saved_epoch
@@ -267,26 +293,25 @@ class Run:
         seconds); describe(row) is the epoch's line. After each epoch rank 0 writes the CSV and the state
         (and, every `save_every` epochs and after the last, the model) as one set, in the background.
         """
-        with launch.interruptible(self.saved):
-            for epoch in range(self.done + 1, epochs + 1):
-                try:
-                    row = train_epoch(epoch)
-                except launch.NonFiniteLoss as e:
-                    failed = self.settle()
-                    if failed is not None:
-                        raise UserError(f'{failed}; training stopped and {self.kept()}') from None
-                    kept = (f'the state of epoch {self.saved_epoch} is kept in {self.paths["state"]}'
-                            if self.saved_epoch else 'nothing was saved')
-                    raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
-                self.rows.append(row)
-                with_model = epoch % save_every == 0 or epoch == epochs
-                with launch.signals_deferred():  # a signal now is taken once the epoch is handed over
-                    launch.on_main(lambda: self.save(epoch, with_model, *checkpoint()), self.world)
-                    self.done = epoch
-                if self.world.main:
-                    rows = list(self.rows)
-                    self.painter.post(lambda: plot(rows))
-                self.log(describe(row), flush=True)
+        for epoch in range(self.done + 1, epochs + 1):
+            try:
+                row = train_epoch(epoch)
+            except launch.NonFiniteLoss as e:
+                failed = self.settle()
+                if failed is not None:
+                    raise UserError(f'{failed}; training stopped and {self.kept()}') from None
+                kept = (f'the state of epoch {self.saved_epoch} is kept in {self.paths["state"]}'
+                        if self.saved_epoch else 'nothing was saved')
+                raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
+            self.rows.append(row)
+            with_model = epoch % save_every == 0 or epoch == epochs
+            with launch.signals_deferred():  # a signal now is taken once the epoch is handed over
+                launch.on_main(lambda: self.save(epoch, with_model, *checkpoint()), self.world)
+                self.done = epoch
+            if self.world.main:
+                rows = list(self.rows)
+                self.painter.post(lambda: plot(rows))
+            self.log(describe(row), flush=True)
 
     def save(self, epoch, with_model, model, state):
         """Hand the epoch's set to the writer: wait for the previous set (a write of it that failed stops
@@ -297,9 +322,9 @@ class Run:
         if failed is not None:
             raise UserError(f'{failed}; training stopped and {self.kept()}')
         common = {'epoch': epoch, 'args': self.settings}
+        into, self._snapshot = self._snapshot and self._snapshot[2], None  # no longer a snapshot: overwritten now
         model, state = files.host_copy(({**model, **common}, {'kind': self.state_kind, **state, 'rows': self.rows,
-                                                               'rng': rng_state(), **common}),
-                                       into=self._snapshot and self._snapshot[2])
+                                                               'rng': rng_state(), **common}), into=into)
         self.rows[-1]['save_time'] = state['rows'][-1]['save_time'] = time.perf_counter() - start
         table = pd.DataFrame(self.rows, columns=self.columns).to_csv(index=False).encode()
         parts = [(self.paths['csv'], lambda f: f.write(table))]
@@ -310,13 +335,15 @@ class Run:
         self._writing = (epoch, with_model)
         self.writer.start(lambda: files.write_set(parts, self.journal))
 
-    def finish(self, summary):
-        """After the last epoch: the last set complete on disk and the picture drawn, then the final line:
-        every file written, then `summary`."""
+    def finish(self, summary, pictures=()):
+        """After the last epoch: the last set complete on disk, the statistics picture and `pictures` (functions
+        that draw one each) drawn, then the final line: every file written, then `summary`."""
         failed = self.settle()
         if failed is not None:
             raise UserError(f'{failed}; training stopped and {self.kept()}')
         self.painter.flush()
+        for draw in pictures:
+            self.painter.now(draw)
         written = ', '.join(f'{key} {path}' for key, path in self.paths.items() if os.path.exists(path))
         self.log(f'done: {written}; {summary}', flush=True)
 

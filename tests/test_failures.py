@@ -278,3 +278,36 @@ def test_a_kill_in_the_middle_of_a_background_write_leaves_the_last_complete_set
     assert temporaries(tmp_path) == []
     assert csv_without(tmp_path / 'run_statistics.csv', main.WALL_CLOCK) == \
         csv_without(uninterrupted_pil / 'run_statistics.csv', main.WALL_CLOCK)
+
+
+def test_no_room_for_a_new_file_is_a_failed_write_too(tmp_path, monkeypatch):
+    # out of inodes or an inode quota: the temporary file itself cannot be made
+    def no_room(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files.tempfile, 'mkstemp', no_room)
+    with pytest.raises(files.WriteFailed) as e:
+        files.write_set([(str(tmp_path / 'a.csv'), lambda f: f.write(b'x'))], str(tmp_path / '.x.saving'))
+    assert str(e.value) == f"could not write {str(tmp_path / 'a.csv')!r} (No space left on device [ENOSPC])"
+
+
+def test_a_journal_written_under_a_relative_folder_is_completed_from_anywhere(tmp_path, monkeypatch):
+    (tmp_path / 'results').mkdir()
+    monkeypatch.chdir(tmp_path)
+    paths = ['results/a.csv', 'results/b.pth']
+    real_replace = os.replace
+
+    def killed_at_the_renames(src, dst):
+        if os.path.basename(dst) in ('a.csv', 'b.pth'):
+            raise KeyboardInterrupt  # as if the process died after the commit
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', killed_at_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_set([(p, lambda f: f.write(b'2')) for p in paths], 'results/.x.saving')
+    monkeypatch.setattr(os, 'replace', real_replace)
+    (tmp_path / 'results' / '..x.saving.k2j4.tmp').write_text('the temporary of a journal a kill cut short')
+    monkeypatch.chdir('/')  # a requeued job started elsewhere, with --results_dir given absolutely
+    folder = tmp_path / 'results'
+    note = files.recover_set(str(folder / '.x.saving'), [str(folder / 'a.csv'), str(folder / 'b.pth')])
+    assert note == (f"completed the saved set that an interruption left half renamed ({folder / '.x.saving'}); "
+                    f"removed 1 temporary file(s) of an interrupted save")
+    assert sorted(os.listdir(folder)) == ['a.csv', 'b.pth'] and (folder / 'b.pth').read_bytes() == b'2'

@@ -1,6 +1,7 @@
 """Linear evaluation that holds on any features: the normalised probe, a grid of learning rates trained on
 one pass of the backbone, chosen on a validation split, with divergence visible."""
 import math
+import os
 import re
 import signal
 import sys
@@ -153,19 +154,47 @@ def test_a_grid_interrupted_and_resumed_is_the_same_run(finished, grid_run, tmp_
 
 
 def test_a_diverging_head_stops_alone_and_says_so(finished, tmp_path, capsys):
-    stats = evaluate(finished, tmp_path, '--probe_norm', 'none', lr='1,1e38')
+    # 1e39, not 1e38: at 1e38 the training loss stays finite here (huge) and the test logits overflow first
+    stats = evaluate(finished, tmp_path, '--probe_norm', 'none', lr='1,1e39')
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if 'diverged' in line]
     assert len(lines) == 1, err
-    found = re.fullmatch(r'linear\.py: head lr=1e\+38 diverged: the loss became (nan|inf) at epoch (\d), step (\d+); '
+    found = re.fullmatch(r'linear\.py: head lr=1e\+39 diverged: the loss became (nan|inf) at epoch (\d), step (\d+); '
                          r'it stops, the other heads go on', lines[0])
     assert found, lines[0]
     stopped = int(found.group(2))
     after = stats['epoch'] >= stopped
     assert stats['lr=1:train_loss'].notna().all()  # the other head went on to the end
-    assert stats.loc[after, 'lr=1e+38:train_loss'].isna().all() and stats.loc[~after, 'lr=1e+38:train_loss'].notna().all()
+    assert stats.loc[after, 'lr=1e+39:train_loss'].isna().all() and stats.loc[~after, 'lr=1e+39:train_loss'].notna().all()
     assert (stats.loc[after, 'head_lr'] == 1.0).all()  # a diverged head is never the one reported
     assert len(stats) == 3
+
+
+def test_a_head_whose_last_step_blows_it_up_is_never_chosen(finished, tmp_path, capsys):
+    # one step an epoch: the training loss of lr 1e39 is that of the weights before its step, still finite,
+    # and its validation and test logits after it are not
+    stats = evaluate(finished, tmp_path, '--probe_norm', 'none', '--batch_size', '24', lr='1,1e39')
+    lines = [line for line in capsys.readouterr().err.splitlines() if 'diverged' in line]
+    assert len(lines) == 1 and re.fullmatch(r'linear\.py: head lr=1e\+39 diverged: the (test|validation) loss became '
+                                            r'(nan|inf) after epoch 1; it stops, the other heads go on', lines[0]), lines
+    assert (stats['head_lr'] == 1.0).all() and stats['lr=1e+39:val_acc@1'].isna().all()
+    assert torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)['head_lr'] == 1.0
+
+
+def test_resuming_an_evaluation_of_a_pretraining_that_moved_on_is_refused(finished, tmp_path, capsys):
+    model = torch.load(finished / 'run_model.pth', weights_only=True)
+    torch.save({**model, 'epoch': 1}, tmp_path / 'run_model.pth')  # a run in progress, evaluated at epoch 1
+    args = ['--model_path', str(tmp_path / 'run_model.pth'), '--results_dir', str(tmp_path / 'out'), '--epochs', '1',
+            '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', '--lr', '1']
+    linear.main(linear.parse_args(args))
+    torch.save({**model, 'epoch': 2}, tmp_path / 'run_model.pth')  # the pretraining went on
+    before = sorted(os.listdir(tmp_path / 'out'))
+    with pytest.raises(launch.UserError) as e:
+        linear.main(linear.parse_args([*args, '--resume', 'auto']))
+    assert str(e.value) == (f"--resume: the saved evaluation is of pretraining epoch 1, but "
+                            f"'{tmp_path / 'run_model.pth'}' now holds epoch 2; evaluate it afresh under another "
+                            f"--name or --results_dir")
+    assert sorted(os.listdir(tmp_path / 'out')) == before
 
 
 def test_a_loss_far_above_a_uniform_guess_gives_one_warning(finished, tmp_path, capsys):
@@ -184,6 +213,9 @@ def test_a_loss_far_above_a_uniform_guess_gives_one_warning(finished, tmp_path, 
     (['--lr', '1,-2'], 'argument --lr: must be a positive number, got -2'),
     (['--val_split', '1'], 'argument --val_split: must be at least 0 and under 1, got 1'),
     (['--probe_norm', 'ln'], "argument --probe_norm: invalid choice: 'ln'"),
+    (['--lr', '1,10', '--val_split', '0.01', '--batch_size', '8'],
+     '--val_split 0.01 holds out no image of the 32 training images'),
+    (['--lr', '1e300', '--batch_size', '8'], '--lr 1e+300 gives SGD an lr of 3.13e+298 (x batch_size 8 / 256), beyond'),
 ])
 def test_bad_grid_flags_are_one_line(extra, message, finished, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['linear.py', '--model_path', str(finished / 'run_model.pth'),

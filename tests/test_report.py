@@ -89,6 +89,25 @@ def test_runs_in_progress_seed_logs_and_linear_runs_alone(folder, tmp_path):
     assert record['pretrained']['args']['mlp_bn'] == 'hidden'
 
 
+def test_the_seeds_linear_log_runs_without_records_and_a_run_in_progress_evaluated(folder, tmp_path):
+    # the seed's linear.py writes linear_statistics.csv: an evaluation, told by its columns, not its name
+    (tmp_path / 'linear_statistics.csv').write_text(
+        'epoch,train_loss,train_acc@1,train_acc@5,test_loss,test_acc@1,test_acc@5\n1,1.2,60.0,95.0,1.1,61.5,96.0\n')
+    shutil.copy(folder / 'no_predictor_statistics.csv', tmp_path / 'norecord_statistics.csv')  # no args.json
+    shutil.copy(folder / 'simsiam_linear_statistics.csv', tmp_path / 'early_linear_statistics.csv')
+    record = json.loads((folder / 'simsiam_linear_args.json').read_text())
+    record['pretrained']['epoch'] = 2  # an evaluation of the state of epoch 2 of the 6 planned
+    (tmp_path / 'early_linear_args.json').write_text(json.dumps(record))
+    _, rows, logs = report.report(str(tmp_path))
+    by_name = {row['run']: row for row in rows}
+    assert sorted(by_name) == ['early_linear (of pretraining epoch 2 of 6)', 'linear', 'norecord']
+    seed = by_name['linear']
+    assert (seed['Evaluation Protocol'], seed['Top1 Acc %'], seed['Top5 Acc %']) == ('Linear', '61.5', '96.0')
+    assert seed['switches'] == by_name['norecord']['switches'] == report.UNKNOWN  # not SimSiam's, unknown
+    assert by_name['norecord']['Evaluation Protocol'] == 'KNN' and set(logs) == {'norecord'}
+    assert by_name['early_linear (of pretraining epoch 2 of 6)']['switches'] == ['--mlp_bn hidden']
+
+
 def test_a_folder_without_runs_is_one_line(tmp_path):
     (tmp_path / 'notes.txt').write_text('nothing here')
     r = run_script('report.py', tmp_path)

@@ -204,6 +204,79 @@ def test_a_background_write_that_fails_stops_the_run_at_the_next_epoch(tmp_path,
     assert saved(tmp_path / 'fake_state.pth')['epoch'] == 1
 
 
+def test_a_signal_while_the_loop_waits_for_the_previous_set_is_taken_after_the_hand_over(tmp_path, monkeypatch):
+    real = files.write_set
+
+    def slow(parts, journal):  # the signal comes while the loop, done with the next epoch, waits for this set
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        real(parts, journal)
+    monkeypatch.setattr(files, 'write_set', slow)
+    fake, trained = FakeTraining(), []
+    epoch = fake.epoch
+    fake.epoch = lambda e: trained.append(e) or epoch(e)
+    with launch.signals_raise(), pytest.raises(launch.Interrupted) as e:
+        with fake_run(tmp_path) as r:
+            r.find_state()
+            r.loop(5, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+    assert trained == [1, 2] and e.value.signum == signal.SIGTERM
+    assert e.value.saved == f'epochs 1-2 are saved in {tmp_path / "fake_state.pth"}'
+    assert saved(tmp_path / 'fake_state.pth')['epoch'] == 2
+
+
+def test_a_failed_write_is_told_when_an_interrupt_comes_first(tmp_path, monkeypatch):
+    real = files.write_set
+
+    def failing_second(parts, journal):
+        if saved(tmp_path / 'fake_state.pth')['epoch'] == 1 if (tmp_path / 'fake_state.pth').exists() else False:
+            raise files.WriteFailed(parts[-1][0], OSError(28, 'No space left on device'))
+        real(parts, journal)
+    monkeypatch.setattr(files, 'write_set', failing_second)
+    with pytest.raises(launch.Interrupted) as e:
+        with fake_run(tmp_path) as r:
+            r.find_state()
+            r.loop(5, 1, FakeTraining(interrupt_at=3).epoch, FakeTraining().checkpoint, lambda rows: None,
+                   lambda row: '')
+    assert e.value.saved == (f"could not write '{tmp_path / 'fake_state.pth'}' (No space left on device [ENOSPC]); "
+                             f"{tmp_path / 'fake_state.pth'} holds epoch 1, the last complete one, as does the CSV")
+
+
+def test_a_signal_after_the_last_epoch_is_an_interrupt_with_the_run_saved(tmp_path):
+    fake = FakeTraining()
+    with pytest.raises(launch.Interrupted) as e:
+        with fake_run(tmp_path) as r:
+            r.find_state()
+            r.loop(3, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+            raise launch._Signal(signal.SIGINT)  # while the last pictures are drawn, say
+    assert e.value.saved == f'epochs 1-3 are saved in {tmp_path / "fake_state.pth"}'
+
+
+def test_a_run_resumed_from_another_folder_has_nothing_saved_in_its_own(tmp_path):
+    fake, optimizer = FakeTraining(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
+    checkpoint = lambda: (fake.checkpoint()[0], {'optimizer': optimizer.state_dict()})
+    with fake_run(tmp_path / 'a') as r:
+        r.find_state()
+        r.loop(2, 1, fake.epoch, checkpoint, lambda rows: None, lambda row: '')
+    with pytest.raises(launch.Interrupted) as e:
+        with fake_run(tmp_path / 'b') as r:
+            r.settings['resume'] = str(tmp_path / 'a' / 'fake_state.pth')
+            r.restore(r.find_state(), {}, optimizer, 'x', 5)
+            assert r.done == 2
+            r.loop(5, 1, FakeTraining(interrupt_at=3).epoch, checkpoint, lambda rows: None, lambda row: '')
+    assert e.value.saved == 'no epoch had completed'  # not 'epochs 1-2 are saved in b/...': nothing is there
+
+
+def test_a_picture_that_fails_any_way_is_one_warning(tmp_path):
+    import plot
+    warnings = []
+    painter = plot.Painter(every=0, warn=warnings.append)
+    for error in (ValueError('bad data'), OSError(28, 'No space left on device')):
+        painter.now(lambda: (_ for _ in ()).throw(error))
+    assert warnings == ['warning: could not draw a picture (ValueError: bad data); the run goes on, and plot.py '
+                        'redraws the statistics from the CSV']
+
+
 def test_save_time_is_the_wait_and_the_snapshot(tmp_path):
     fake = FakeTraining()
     with fake_run(tmp_path) as r:
