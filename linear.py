@@ -100,8 +100,8 @@ def train_epoch(features, heads, batches, optimizers, epoch, live=None, world=di
     """
     live = list(range(len(heads))) if live is None else list(live)
     device = next(heads[0].parameters()).device
-    totals = torch.zeros(len(heads), 4, dtype=torch.float64, device=device)  # loss x images, top-1, top-5, images
-    pending, diverged = [], {}
+    totals = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # loss x images, top-1, top-5
+    pending, diverged, images = [], {}, 0
     for h in heads:
         h.train()
     for step, ((x,), y) in enumerate(batches, 1):
@@ -115,17 +115,17 @@ def train_epoch(features, heads, batches, optimizers, epoch, live=None, world=di
             loss.backward()
             optimizers[i].step()
             losses[i] = loss.detach()
-            totals[i] += torch.cat([(loss.detach().double() * len(y)).view(1), accuracy_counts(logits.detach(), y),
-                                    torch.tensor([len(y)], device=device)])
+            totals[i] += torch.cat([(loss.detach().double() * len(y)).view(1), accuracy_counts(logits.detach(), y)])
+        images += len(y)
         pending.append(losses)
         if step % check_every == 0:
             live = check_losses(pending, live, epoch, step, world, diverged)
             pending = []
             if bar is not None and live:
                 t = totals[live[0]]
-                bar.set_postfix(loss=f'{t[0] / t[3]:.4f}', acc1=f'{100 * t[1] / t[3]:.2f}')
+                bar.set_postfix(loss=f'{t[0] / images:.4f}', acc1=f'{100 * t[1] / images:.2f}')
     live = check_losses(pending, live, epoch, step, world, diverged)
-    return [summarise(totals[i], world) if i in live else None for i in range(len(heads))], diverged
+    return [summarise(totals[i], images, world) if i in live else None for i in range(len(heads))], diverged
 
 
 @torch.no_grad()
@@ -134,16 +134,17 @@ def test_epoch(features, heads, batches, live=None, world=distributed.SINGLE):
     process's images; the backbone runs once per batch."""
     live = list(range(len(heads))) if live is None else list(live)
     device = next(heads[0].parameters()).device
-    totals = torch.zeros(len(heads), 4, dtype=torch.float64, device=device)
+    totals = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # loss x images, top-1, top-5
+    images = 0
     for h in heads:
         h.eval()
     for (x,), y in batches:
         feature = features(x).float()
         for i in live:
             logits = heads[i](feature)
-            totals[i] += torch.cat([(F.cross_entropy(logits, y).double() * len(y)).view(1),
-                                    accuracy_counts(logits, y), torch.tensor([len(y)], device=device)])
-    return [summarise(totals[i], world) if i in live else None for i in range(len(heads))]
+            totals[i] += torch.cat([(F.cross_entropy(logits, y).double() * len(y)).view(1), accuracy_counts(logits, y)])
+        images += len(y)
+    return [summarise(totals[i], images, world) if i in live else None for i in range(len(heads))]
 
 
 def check_losses(pending, live, epoch, step, world, diverged):
@@ -162,8 +163,10 @@ def check_losses(pending, live, epoch, step, world, diverged):
     return still
 
 
-def summarise(totals, world):
-    loss_sum, top1, top5, total = distributed.all_sum(totals, world).tolist()
+def summarise(totals, images, world):
+    """(loss, acc@1 %, acc@5 %) from a head's (loss x images, top-1, top-5) sums and this process's image count,
+    over every process."""
+    loss_sum, top1, top5, total = distributed.all_sum(torch.cat([totals, totals.new_tensor([images])]), world).tolist()
     return loss_sum / total, 100.0 * top1 / total, 100.0 * top5 / total
 
 
