@@ -6,6 +6,7 @@ exit status 2, SIGINT or SIGTERM one line saying how to continue and status 128 
 """
 import argparse
 import contextlib
+import gc
 import math
 import os
 import shlex
@@ -128,9 +129,7 @@ def available_cpus():
 
 def worker_count(num_workers, world):
     """--num_workers, or by default the CPUs this process may use shared among this node's processes."""
-    if num_workers is not None:
-        return num_workers
-    return max(1, available_cpus() // world.local_world_size)
+    return num_workers if num_workers is not None else max(1, available_cpus() // world.local_world_size)
 
 
 def add_run_flags(p, state, datasets, batch_size, epochs, dataset, data_root, helps):
@@ -202,6 +201,9 @@ def cli(main, parse_args):
             main(args)
     except BaseException as e:  # noqa: B902 (what is not the user's to fix is raised again)
         return _report(e, prog, world, where)
+    finally:
+        gc.collect()  # a DataLoader iterator that a traceback held in a cycle goes now: its workers ignore
+        # SIGTERM, and the interpreter's exit would wait for them forever
     return 0
 
 

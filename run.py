@@ -187,7 +187,10 @@ class Run:
             finally:
                 self.lock.release()
         if interrupted is not None:
-            raise interrupted from None
+            try:
+                raise interrupted from None
+            finally:  # this frame is in its traceback: holding it too would make a cycle, which would keep the
+                interrupted = None  # DataLoader's workers alive until the interpreter's exit waits on them
         if failed is not None and kind is None:
             raise UserError(f'{failed}; {self.kept()}')
 
