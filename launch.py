@@ -202,8 +202,8 @@ def cli(main, parse_args):
     except BaseException as e:  # noqa: B902 (what is not the user's to fix is raised again)
         return _report(e, prog, world, where)
     finally:
-        gc.collect()  # a DataLoader iterator that a traceback held in a cycle goes now: its workers ignore
-        # SIGTERM, and the interpreter's exit would wait for them forever
+        # a DataLoader iterator a traceback held in a cycle goes now: its workers ignore SIGTERM and exit waits
+        gc.collect()
     return 0
 
 

@@ -193,7 +193,8 @@ def pretrain(args, run, world, device):
          if world.distributed else ''), flush=True)
 
     torch.manual_seed(args.seed)
-    model = SimSiam(**model_args(vars(args))).to(device)
+    architecture = model_args(vars(args))
+    model = SimSiam(**architecture).to(device)
     counts = None
     if world.main:
         counts = count_model(model, len(train.classes), device)
@@ -242,7 +243,7 @@ def pretrain(args, run, world, device):
         return row
 
     def checkpoint():
-        common = {'model_args': model_args(vars(args)), 'dataset': args.dataset, 'classes': train.classes}
+        common = {'model_args': architecture, 'dataset': args.dataset, 'classes': train.classes}
         weights = model.state_dict()
         return ({'kind': 'simsiam_model', 'state_dict': weights, **common},
                 {'model': weights, 'optimizer': optimizer.state_dict(), **common})

@@ -160,6 +160,12 @@ def plot_runs(logs, path):
     _save(fig, path)
 
 
+def is_evaluation(df):
+    """Whether a log is a linear evaluation's (it has training accuracy columns; also the seed's) rather than a
+    pretraining run's."""
+    return 'train_acc@1' in df
+
+
 def plot_csv(csv_path, png_path=None):
     """Redraw the plot of a pretraining or linear-evaluation CSV; returns the PNG path."""
     try:
@@ -170,7 +176,7 @@ def plot_csv(csv_path, png_path=None):
         raise UserError(f'{csv_path!r} has no epoch and train_loss columns: not a log of these scripts')
     png_path = png_path or os.path.splitext(csv_path)[0] + '.png'
     title = os.path.basename(os.path.splitext(csv_path)[0])
-    (plot_linear if 'train_acc@1' in df else plot_pretrain)(df, png_path, title)
+    (plot_linear if is_evaluation(df) else plot_pretrain)(df, png_path, title)
     return png_path
 
 

@@ -160,7 +160,7 @@ def report(folder):
     rows, evaluations, logs = [], [], {}
     for stem, path in found.items():
         df, record = read_log(path), read_json(os.path.join(folder, f'{stem}_args.json'))
-        if 'train_acc@1' in df:  # a linear evaluation's columns
+        if plot.is_evaluation(df):
             evaluations.append(linear_row(stem, df, record))
         else:
             logs[stem] = df

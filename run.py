@@ -150,8 +150,9 @@ class Run:
     state_kind: the 'kind' of its state file; columns: the CSV's columns (with 'save_time' among them).
 
     `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk in
-    results_dir (None until rank 0 has looked): a set is written in the background while the next epoch
-    trains (files.BackgroundWriter). From the moment it is entered, a SIGINT or SIGTERM ends the run with an
+    results_dir (None until rank 0 has looked), `failed` the WriteFailed of a set that could not be written
+    (the run stops on it). A set is written in the background while the next epoch trains
+    (files.BackgroundWriter). From the moment it is entered, a SIGINT or SIGTERM ends the run with an
     Interrupted that says what is on disk, once the set in flight is.
     """
 
@@ -168,7 +169,6 @@ class Run:
         self.painter = plot.Painter()
         self._snapshot = None  # (epoch, model dict, whether its set wrote it) of the set last handed over
         self._writing = None  # (epoch, wrote the model) of the set being written
-        # self.failed: the WriteFailed of a set that could not be written; the run stops on it
         self._model_epoch = None  # the epoch of the model file on disk, when this run wrote it
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
         check_divisible(batch_size, world)
