@@ -20,27 +20,33 @@ import pandas as pd
 import torch
 
 import augment
-import launch
-import main as pretrain
+import cli
+import distributed
 import monitor
+import optim
 import plot
 import utils
-from model import ARCHS, SimSiam
+from distributed import SINGLE
+from errors import UserError
+from model import ARCHS, ModelConfig, SimSiam, simsiam_loss
+from pretrain import train_epoch
+from run import Run
+from speed import Speed, resolve_speed
 
 
 def parse_args(argv=None):
-    p = launch.Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument('--arch', default='resnet18', choices=ARCHS)
-    p.add_argument('--batch_size', type=launch.positive_int, default=64, help='images per training step')
-    p.add_argument('--images', type=launch.positive_int, default=None,
+    p.add_argument('--batch_size', type=cli.positive_int, default=64, help='images per training step')
+    p.add_argument('--images', type=cli.positive_int, default=None,
                    help='images in the timed training epoch (default: 8 batches)')
-    p.add_argument('--aug_images', type=launch.positive_int, default=1024,
+    p.add_argument('--aug_images', type=cli.positive_int, default=1024,
                    help='images per augmentation measurement')
-    p.add_argument('--repeats', type=launch.positive_int, default=3, help='interleaved repetitions of each training epoch')
-    p.add_argument('--aug_repeats', type=launch.positive_int, default=5, help='interleaved repetitions of each augmentation measurement')
-    p.add_argument('--knn_bank', type=launch.positive_int, default=10000, help='kNN bank size N')
-    p.add_argument('--knn_queries', type=launch.positive_int, default=2000, help='kNN query count M')
-    p.add_argument('--num_workers', type=launch.non_negative_int, default=launch.available_cpus(),
+    p.add_argument('--repeats', type=cli.positive_int, default=3, help='interleaved repetitions of each training epoch')
+    p.add_argument('--aug_repeats', type=cli.positive_int, default=5, help='interleaved repetitions of each augmentation measurement')
+    p.add_argument('--knn_bank', type=cli.positive_int, default=10000, help='kNN bank size N')
+    p.add_argument('--knn_queries', type=cli.positive_int, default=2000, help='kNN query count M')
+    p.add_argument('--num_workers', type=cli.non_negative_int, default=distributed.available_cpus(),
                    help='DataLoader workers of the PIL path')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--configs', default='seed,fast,fast+channels_last,fast+compile',
@@ -50,7 +56,7 @@ def parse_args(argv=None):
                    help='what to measure: aug (augmentation), train (training configurations), knn, fixed (the '
                         "epoch's fixed costs: saving and plotting, blocking against background), phases (one "
                         'real epoch of main.py, phase by phase)')
-    p.add_argument('--rows', type=launch.positive_int, default=800,
+    p.add_argument('--rows', type=cli.positive_int, default=800,
                    help='CSV rows (epochs) of the run whose fixed costs are measured')
     return p.parse_args(argv)
 
@@ -137,10 +143,10 @@ def config_speed(name, device):
     """The Speed of a named configuration: 'seed' (PIL, fp32, contiguous), 'fast' (the defaults for this
     device), or 'fast+<change>'."""
     if name == 'seed':
-        return launch.Speed(device, 'pil', amp=False, channels_last=False, compile=False)
+        return Speed(device, 'pil', amp=False, channels_last=False, compile=False)
     if name.split('+')[0] != 'fast':
-        raise launch.UserError(f'--configs: {name!r} is neither seed nor fast+...')
-    defaults = launch.resolve_speed(device)
+        raise UserError(f'--configs: {name!r} is neither seed nor fast+...')
+    defaults = resolve_speed(device)
     for change in name.split('+')[1:]:
         if change == 'pil':
             defaults.aug = 'pil'
@@ -149,7 +155,7 @@ def config_speed(name, device):
         elif change in ('no_channels_last', 'no_amp'):
             setattr(defaults, change[3:], False)
         else:
-            raise launch.UserError(f'--configs: unknown change {change!r}')
+            raise UserError(f'--configs: unknown change {change!r}')
     return defaults
 
 
@@ -160,8 +166,8 @@ def bench_training(args, device):
     for name in args.configs.split(','):
         speed = config_speed(name, device)
         torch.manual_seed(0)
-        model = SimSiam(args.arch).to(device)
-        optimizer = pretrain.build_optimizer(model, 0.03 * args.batch_size / 256, 0.9, 5e-4, False)
+        model = SimSiam(ModelConfig(args.arch)).to(device)
+        optimizer = optim.sgd(model.param_groups(), 0.03 * args.batch_size / 256, 0.9, 5e-4)
         net = speed.prepare(model)
         source = utils.ViewSource(data, 'pretrain', speed.aug, 0, device, args.num_workers)
         runs[name] = (net, optimizer, source, speed)
@@ -171,7 +177,7 @@ def bench_training(args, device):
 
         def run():
             batches, steps = source.epoch(1, args.batch_size)
-            pretrain.train_epoch(net, batches, steps, optimizer, 1, 1, speed, progress=False)
+            train_epoch(net, batches, steps, optimizer, 1, 1, speed, progress=False)
             sync(device)
         return run
 
@@ -206,7 +212,7 @@ def bench_training(args, device):
 
 def bench_knn(args, device):
     torch.manual_seed(0)
-    model = SimSiam(args.arch).to(device).eval()
+    model = SimSiam(ModelConfig(args.arch)).to(device).eval()
     speed = config_speed('fast', device)
     fn = speed.wrap(speed.prepare(model).backbone)
     bank, test = random_images(args.knn_bank, 1), random_images(args.knn_queries, 2)
@@ -232,86 +238,85 @@ def bench_knn(args, device):
 
 # ----------------------------------------------------------------------------- the epoch's fixed costs
 
+# A pretraining log's columns (main.py's): what the fixed-cost runs write and draw.
+LOG_COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5', 'z_std', 'z_std_ratio', 'lr', 'train_time',
+               'knn_time', 'epoch_time', 'images_per_s', 'save_time']
+
+
 def fake_rows(n):
-    return [{**dict.fromkeys(pretrain.COLUMNS, 0.5), 'epoch': e, 'train_loss': -e / n} for e in range(1, n + 1)]
+    return [{**dict.fromkeys(LOG_COLUMNS, 0.5), 'epoch': e, 'train_loss': -e / n} for e in range(1, n + 1)]
 
 
-@contextlib.contextmanager
-def saving(model, optimizer, arch, folder, background):
-    """A run.Run of main.py in `folder` and the checkpoint() main.py hands it, for `model`."""
-    from distributed import SINGLE
-    from run import Run
-    settings = {'arch': arch, 'feature_dim': 2048, 'pred_dim': 512, 'proj_hidden_dim': 2048, 'dataset': 'cifar10'}
-    common = {'model_args': pretrain.model_args(settings), 'dataset': 'cifar10', 'classes': list('0123456789')}
-    checkpoint = lambda: ({'kind': 'simsiam_model', 'state_dict': model.state_dict(), **common},
-                          {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), **common})
+def saving(arch, folder, name, save_every):
+    """A Run of main.py's kind in `folder` that writes the model file every `save_every` epochs."""
+    settings = {'arch': arch, 'resume': None, 'results_dir': folder, 'epochs': 10 ** 9, 'save_every': save_every}
     with contextlib.redirect_stdout(None):  # Run prints the arguments, as a script's run does
-        r = Run('main.py', settings, folder, f'bench_{background}', pretrain.OUTPUTS, 'simsiam_state',
-                pretrain.COLUMNS, 1, SINGLE, background)
-    with r:
-        r.painter = plot.Painter(every=0)  # every repetition draws
-        yield r, checkpoint
+        r = Run('main.py', name, settings, columns=LOG_COLUMNS, world=SINGLE, state_kind='simsiam_state')
+    r.painter = plot.Painter(every=0)  # every repetition draws
+    return r
 
 
 def trained_model(arch, device):
     torch.manual_seed(0)
-    model = SimSiam(arch).to(device)
-    optimizer = pretrain.build_optimizer(model, 0.06, 0.9, 5e-4, False)
+    model = SimSiam(ModelConfig(arch)).to(device)
+    optimizer = optim.sgd(model.param_groups(), 0.06, 0.9, 5e-4)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # the momentum buffers exist, as in a real state
     return model, optimizer
 
 
-def draw(r, seconds=None):
-    """The statistics picture of r's rows; the seconds it took appended to `seconds`."""
-    def run():
-        start = time.perf_counter()
-        plot.plot_pretrain(pd.DataFrame(r.rows), r.paths['plot'])
-        if seconds is not None:
-            seconds.append(time.perf_counter() - start)
-    return run
+def checkpoint(model, optimizer, arch):
+    """The model file's dict and the state's entries, as main.py hands them to its run."""
+    weights = model.state_dict()
+    common = {'model_args': ModelConfig(arch).to_dict(), 'dataset': 'cifar10', 'classes': list('0123456789')}
+    state = {'model': weights, 'optimizer': optimizer.state_dict(), **common}
+    return {'kind': 'simsiam_model', 'model': weights, **common}, state
+
+
+def hand_over(r, rows, parts):
+    """One epoch's hand-over to run r after `rows` epochs of log: the seconds the loop waits (end_epoch),
+    then the seconds until the set is on disk and its picture drawn."""
+    r.rows = fake_rows(rows)[:-1]
+    start = time.perf_counter()
+    r.end_epoch(fake_rows(rows)[-1], *parts)
+    handed = time.perf_counter()
+    r.settle()
+    r.painter.flush()
+    return handed - start, time.perf_counter() - handed
 
 
 def bench_fixed_costs(args, device):
-    """What the loop waits for at the end of an epoch of `args.arch` with args.rows CSV rows: the saved set
-    written on the training thread with the model every epoch and the plot redrawn there (as before),
-    against the set handed to the background writer (the model every --save_every epochs) and the plot
-    drawn by the painter thread (now). Both through the scripts' own code (run.Run.save, plot), in turn."""
+    """What the loop waits for at the end of an epoch of `args.arch` with args.rows CSV rows, through the
+    scripts' own run.Run, in turn: blocking (the model file every epoch, the loop waiting until the set is on
+    disk and the picture drawn, as before) against what a run does now (the set and the picture in the
+    background, the model file every --save_every epochs)."""
     model, optimizer = trained_model(args.arch, device)
+    parts = checkpoint(model, optimizer, args.arch)
     times = collections.defaultdict(list)
-    with tempfile.TemporaryDirectory(dir='.') as folder, \
-            saving(model, optimizer, args.arch, folder, False) as (before, checkpoint), \
-            saving(model, optimizer, args.arch, folder, True) as (now, _):
-        for repeat in range(args.repeats + 1):  # the first is a warm-up
-            for r in (before, now):
-                r.rows = fake_rows(args.rows)
+    with tempfile.TemporaryDirectory(dir='.') as folder:
+        before, now = saving(args.arch, folder, 'before', 1), saving(args.arch, folder, 'now', 10 ** 9)
+        with before, now:
+            for repeat in range(args.repeats + 1):  # the first is a warm-up
+                waited, rest = hand_over(before, args.rows, parts)
+                handed, written = hand_over(now, args.rows, parts)
                 start = time.perf_counter()
-                r.save(args.rows, r is before, *checkpoint())  # the model file: every epoch before, now 1 in N
-                saved = time.perf_counter()
-                key = 'before' if r is before else 'now'
-                drawing = draw(r, times[f'{key} plot'] if repeat else None)
-                if r is before:
-                    drawing()
-                else:
-                    r.painter.post(drawing)
-                posted = time.perf_counter()
-                r.settle()
-                written = time.perf_counter()
-                r.painter.stop()
+                plot.plot_statistics(pd.DataFrame(now.rows, columns=LOG_COLUMNS), now.paths['plot'])
+                drawn = time.perf_counter() - start
                 if repeat:
-                    times[f'{key} save'].append(saved - start)
-                    times[f'{key} wait'].append(posted - start)
-                    times[f'{key} write'].append(written - posted)
-        size = {r: sum(os.path.getsize(r.paths[k]) for k in ('csv', 'state')) for r in (before, now)}
-        size[before] += os.path.getsize(before.paths['model'])
+                    times['before wait'].append(waited + rest)
+                    times['now wait'].append(handed)
+                    times['now write'].append(written)
+                    times['plot'].append(drawn)
+            size = {r: sum(os.path.getsize(r.paths[k]) for k in ('csv', 'state')) for r in (before, now)}
+            size[before] += os.path.getsize(before.paths['model'])
     t = {k: statistics.median(v) for k, v in times.items()}
     table(f"the epoch's fixed costs: {args.arch}, {args.rows} CSV rows, {device} (medians of {args.repeats})",
           ['seconds, bytes', 'blocking (as before)', 'background (now)'],
-          [['the loop waits per epoch, s', f'{t["before wait"]:.3f}', f'{t["now wait"]:.3f} (host copy of the set)'],
-           ['saved set written, s', f'{t["before save"]:.3f} (model + state, on the loop)',
-            f'{t["now write"]:.3f} (state, writer thread)'],
-           ['statistics plot drawn, s', f'{t["before plot"]:.3f} (on the loop)', f'{t["now plot"]:.3f} (painter thread)'],
+          [['the loop waits per epoch, s', f'{t["before wait"]:.3f} (model + state + picture)',
+            f'{t["now wait"]:.3f} (host copy of the set)'],
+           ['saved set written and picture drawn, s', '(in the wait)', f'{t["now write"]:.3f} (writer, painter)'],
+           ['statistics picture alone, s', f'{t["plot"]:.3f}', f'{t["plot"]:.3f}'],
            ['written per epoch, MB', f'{size[before] / 1e6:.0f}',
             f'{size[now] / 1e6:.0f} (+ the model 1 epoch in --save_every)']])
     return t['before wait'], t['now wait']
@@ -335,7 +340,7 @@ def bench_phases(args, device):
         sync(device)
         phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
         return out
-    with tempfile.TemporaryDirectory(dir='.') as folder, saving(model, optimizer, args.arch, folder, True) as (r, checkpoint):
+    with tempfile.TemporaryDirectory(dir='.') as folder, saving(args.arch, folder, 'phases', 10 ** 9) as r:
         for epoch in (1, 2):  # the first warms up (cuDNN autotuning, allocations, compilation)
             phases.clear()
             net.train()
@@ -345,7 +350,7 @@ def bench_phases(args, device):
                 (x1, x2), _ = timed('augmentation', lambda: next(batches))
                 with speed.autocast():
                     p1, p2, z1, z2 = timed('forward', lambda: net(speed.layout(x1), speed.layout(x2)))
-                loss = timed('forward', lambda: pretrain.simsiam_loss(p1, p2, z1, z2))
+                loss = timed('forward', lambda: simsiam_loss(p1, p2, z1, z2))
                 optimizer.zero_grad(set_to_none=True)
                 timed('backward', loss.backward)
                 timed('optimizer', optimizer.step)
@@ -355,11 +360,11 @@ def bench_phases(args, device):
                                                     monitor.embed(fn, test.images, args.batch_size, device)))
             timed('kNN search', lambda: monitor.knn_predict(feats[1], feats[0], bank.labels.to(device), 10,
                                                             min(200, len(bank)), 0.1))
-            r.rows = fake_rows(args.rows)
-            timed('save (the loop waits)', lambda: r.save(args.rows, False, *checkpoint()))
-            timed('plot (the loop waits)', lambda: r.painter.post(draw(r)))
+            r.rows = fake_rows(args.rows)[:-1]
+            timed('hand-over (the loop waits)', lambda: r.end_epoch(fake_rows(args.rows)[-1],
+                                                                    *checkpoint(model, optimizer, args.arch)))
             r.settle()
-            r.painter.stop()
+            r.painter.flush()
     total = sum(phases.values())
     table(f'one epoch, phase by phase: {args.arch}, {n} images, batch {args.batch_size}, kNN bank {len(bank)}, '
           f'{len(test)} queries, {device}', ['phase', 'seconds', 'share'],
@@ -368,14 +373,14 @@ def bench_phases(args, device):
 
 
 def main(args):
-    device = launch.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     print(f'torch {torch.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
-          + f', {launch.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
+          + f', {distributed.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
     parts = set(args.parts.split(','))
     unknown = parts - {'aug', 'train', 'knn', 'fixed', 'phases'}
     if unknown:
-        raise launch.UserError(f'--parts: unknown {", ".join(sorted(unknown))}')
+        raise UserError(f'--parts: unknown {", ".join(sorted(unknown))}')
     aug_ratio = bench_augmentation(args, device) if 'aug' in parts else None
     times = bench_training(args, device) if 'train' in parts else {}
     if 'knn' in parts:
@@ -396,4 +401,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(launch.cli(main, parse_args))
+    sys.exit(cli.cli(main, parse_args))

@@ -1,15 +1,20 @@
-"""Several processes under torchrun: who this process is, the collectives the scripts use, the shard of
-the data each process embeds, and SyncBatchNorm (also on CPU tensors, which torch's own does not take).
+"""Where a process runs and with whom: its device, its place in a torchrun job and joining the process
+group, what rank 0 decides for all, the collectives, the shard of the data each process takes, and
+SyncBatchNorm (also on CPU tensors, which torch's own does not take).
 
 Without torchrun every function here is the identity of a one-process world, so the scripts call them
 unconditionally.
 """
+import contextlib
 import datetime
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from errors import JobError, UserError
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,75 @@ def close(world):
         dist.destroy_process_group()
 
 
+def local_batch(batch_size, world):
+    """Each process's share of the global --batch_size: batch_size / W, refused when W does not divide it."""
+    if batch_size % world.world_size:
+        raise JobError(f'--batch_size {batch_size} does not split evenly over {world.world_size} processes; '
+                       f'use a multiple of {world.world_size}')
+    return batch_size // world.world_size
+
+
+def available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(num_workers, world):
+    """--num_workers, or by default the CPUs this process may use shared among this node's processes."""
+    return num_workers if num_workers is not None else max(1, available_cpus() // world.local_world_size)
+
+
+# ----------------------------------------------------------------------------- the device
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu. Asking for CUDA where there is none is a UserError."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device; use auto, cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name}: CUDA is not available on this machine (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif device.type != 'cpu':
+        raise UserError(f'--device {name!r} is not supported; use auto, cpu, cuda or cuda:N')
+    return device
+
+
+@contextlib.contextmanager
+def processes(device_flag, environ):
+    """(world, device) of this process for the duration of the block.
+
+    Without torchrun: (SINGLE, the --device). Under torchrun (WORLD_SIZE etc. in `environ`): joins the
+    process group (NCCL on CUDA, Gloo on CPU) and, on CUDA, uses the GPU of this process's LOCAL_RANK.
+    """
+    try:
+        world = world_from_env(environ)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    device = resolve_device(device_flag)
+    if world.distributed and device.type == 'cuda':
+        if device.index is not None:
+            raise UserError(f'--device {device_flag}: under torchrun each process uses the GPU of its '
+                            f'LOCAL_RANK; use --device cuda or auto')
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f'LOCAL_RANK {world.local_rank}, but this machine has {torch.cuda.device_count()} '
+                            f'CUDA device(s): start at most that many processes per node')
+        device = torch.device('cuda', world.local_rank)
+    if device.type == 'cuda' and device.index is not None:
+        torch.cuda.set_device(device)  # the current device: where the writer's event waits on the copies
+    init(world, device)
+    try:
+        yield world, device
+    finally:
+        close(world)
+
+
 # ----------------------------------------------------------------------------- collectives
 
 def all_sum(tensor, world):
@@ -113,6 +187,31 @@ class _AllSum(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         return grad
+
+
+def on_main(fn, world):
+    """fn() computed by rank 0 alone and handed to every process (a UserError it raises, too).
+
+    For what must be decided once for the whole job: reading a checkpoint or the data, the results folder.
+    """
+    if not world.distributed:
+        return fn()
+    outcome = None
+    if world.main:
+        try:
+            outcome = ('ok', fn())
+        except UserError as e:
+            outcome = ('error', str(e))
+    status, value = broadcast(outcome, world)
+    if status == 'error':
+        raise JobError(value)
+    return value
+
+
+def printer(world):
+    """print on rank 0; nothing on the other processes of a torchrun job."""
+    return print if world.main else (lambda *a, **kw: None)
+
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from launch import UserError
+from errors import UserError
 
 
 def check_writable(folder):
@@ -166,17 +166,21 @@ def host_copy(obj, into=None, memo=None):
     """A copy of `obj` (dicts, lists and tuples of tensors and plain values) that training can no longer
     change: every tensor copied to host memory. Where `into`, an earlier copy of the same structure, holds
     a tensor of the same shape and dtype, it is copied into that one, so a copy each epoch reuses its
-    memory. A tensor met twice (the weights in both the model file and the state) is copied once. A CUDA
-    tensor goes to pinned memory without waiting: synchronise before reading (BackgroundWriter does)."""
+    memory. A tensor whose memory was met before (the weights in both the model file and the state, also
+    through two state_dict() calls) is copied once: `memo` maps that memory to its copy, and a later call
+    with the same memo finds the copy taken then. A CUDA tensor goes to pinned memory without waiting:
+    synchronise before reading (BackgroundWriter does)."""
     memo = {} if memo is None else memo
     if torch.is_tensor(obj):
-        if id(obj) not in memo:
+        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.dtype, tuple(obj.shape),
+               obj.stride())
+        if key not in memo:
             if torch.is_tensor(into) and into.shape == obj.shape and into.dtype == obj.dtype and into is not obj:
                 out = into
             else:
                 out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
-            memo[id(obj)] = out.copy_(obj.detach(), non_blocking=obj.is_cuda)
-        return memo[id(obj)]
+            memo[key] = out.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        return memo[key]
     if isinstance(obj, dict):
         into = into if isinstance(into, dict) else {}
         return {k: host_copy(v, into.get(k), memo) for k, v in obj.items()}
@@ -191,11 +195,9 @@ class BackgroundWriter:
 
     `start(job)` runs job() on the thread (after the CUDA copies queued so far are done); `wait()` blocks
     until it has finished and returns the WriteFailed it raised, or None; any other exception it raised
-    is raised again here. With background=False, start runs the job at once (the blocking way, kept for
-    benchmark.py's side-by-side measurement)."""
+    is raised again here."""
 
-    def __init__(self, background=True):
-        self.background = background
+    def __init__(self):
         self._thread, self._error = None, None
 
     def start(self, job):
@@ -211,11 +213,8 @@ class BackgroundWriter:
                 job()
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e
-        if self.background:
-            self._thread = threading.Thread(target=run, name='saving', daemon=True)
-            self._thread.start()
-        else:
-            run()
+        self._thread = threading.Thread(target=run, name='saving', daemon=True)
+        self._thread.start()
 
     def wait(self):
         if self._thread is not None:
@@ -271,13 +270,6 @@ def load_checkpoint(path, kinds, flag):
         keys = ', '.join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f'{flag} {path!r} is {what} (top-level keys: {keys}); expected {" or ".join(kinds)}')
     return ckpt
-
-
-def write_csv(rows, columns, path):
-    """Write all rows (dicts) to `path` atomically, columns in the given order."""
-    import pandas as pd
-    with atomic_open(path, 'w') as f:
-        pd.DataFrame(rows, columns=columns).to_csv(f, index=False)
 
 
 def write_json(obj, path):

@@ -1,13 +1,63 @@
-"""SimSiam model: CIFAR ResNet backbone, projection MLP, prediction MLP, and the loss.
+"""The SimSiam model: its config, the ResNet backbone, projection MLP, prediction MLP, the loss, and the
+model's sizes and parameter groups.
 
 Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021 (arXiv 2011.10566).
 Sec. 3 gives the architecture and the symmetric loss; Appendix D the CIFAR-10 variant used here.
 """
+import copy
+from dataclasses import asdict, dataclass, fields
+
+import thop
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from errors import UserError
+
 ARCHS = ('resnet18', 'resnet34', 'resnet50')
+PREDICTORS = ('mlp', 'none', 'fixed')  # Sec. 4.2, Table 1
+MLP_BN = ('none', 'hidden', 'default', 'all')  # Sec. 4.4, Table 3
+SIMILARITIES = ('cosine', 'xent')  # Sec. 4.5, Table 4
+
+# The ablation switches as flags, and their SimSiam values (Sec. 4): a run name says each one that differs.
+ABLATIONS = {'stop_grad': 'on', 'predictor': 'mlp', 'mlp_bn': 'default', 'loss': 'cosine', 'symmetric': 'on'}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that builds a SimSiam model, SimSiam's values (CIFAR recipe, App. D) as defaults.
+
+    Stored in every checkpoint as a plain dict (`model_args`), so a consumer rebuilds the model from the
+    file alone: SimSiam(ModelConfig.from_dict(ckpt['model_args'])).
+    """
+    arch: str = 'resnet50'
+    feature_dim: int = 2048  # projector output, and predictor input and output
+    pred_dim: int = 512  # predictor bottleneck
+    proj_hidden_dim: int = 2048
+    predictor: str = 'mlp'  # Sec. 4.2: 'mlp', 'none' (identity) or 'fixed' (random, never trained)
+    mlp_bn: str = 'default'  # Sec. 4.4, Table 3: where BN sits in the heads (see head_bn)
+    stop_grad: bool = True  # Sec. 4.1: False lets the gradient reach the targets z
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The config of a run's settings (its flags as a dict; a switch they lack is SimSiam's)."""
+        s = {**ABLATIONS, **settings}
+        return cls(arch=s['arch'], feature_dim=s['feature_dim'], pred_dim=s['pred_dim'],
+                   proj_hidden_dim=s['proj_hidden_dim'], predictor=s['predictor'], mlp_bn=s['mlp_bn'],
+                   stop_grad=s['stop_grad'] == 'on')
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The config a checkpoint's `model_args` describes; a field it lacks (written by older code) takes
+        its default. Raises ValueError for a key that is not a field."""
+        unknown = set(saved) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f'unknown model_args {", ".join(sorted(unknown))}')
+        return cls(**saved)
+
+    def to_dict(self):
+        return asdict(self)
 
 
 def cifar_resnet(arch):
@@ -25,11 +75,6 @@ def cifar_resnet(arch):
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, dim
-
-
-PREDICTORS = ('mlp', 'none', 'fixed')  # Sec. 4.2, Table 1
-MLP_BN = ('none', 'hidden', 'default', 'all')  # Sec. 4.4, Table 3
-SIMILARITIES = ('cosine', 'xent')  # Sec. 4.5, Table 4
 
 
 def _mlp(dims, bn):
@@ -64,25 +109,26 @@ def prediction_mlp(dim, pred_dim, bn=(True, False)):
 
 
 class SimSiam(nn.Module):
-    """f = projector(backbone(x)), h = predictor; forward returns p1, p2 and the detached z1, z2.
+    """f = projector(backbone(x)), h = predictor; forward returns p1, p2 and the targets z1, z2 under the
+    stop-gradient (Sec. 3, Algorithm 1): the one place where it is applied.
 
-    The switches of the paper's ablations (Sec. 4), each defaulting to SimSiam itself:
-    predictor 'mlp' (trained), 'none' (the identity) or 'fixed' (kept at its random initialisation, no
-    gradient); mlp_bn, where BN sits in the projector and predictor (Table 3, see head_bn); stop_grad False
-    returns z with its graph, so that a loss on it sends gradients into the encoder through z as well.
+    The switches of the paper's ablations (Sec. 4) are the config's: predictor 'mlp' (trained), 'none'
+    (the identity) or 'fixed' (kept at its random initialisation, no gradient); mlp_bn, where BN sits in
+    the projector and predictor (Table 3, see head_bn); stop_grad False returns z with its graph, so that
+    the loss sends gradients into the encoder through z as well.
     """
 
-    def __init__(self, arch='resnet50', feature_dim=2048, pred_dim=512, proj_hidden_dim=2048, predictor='mlp',
-                 mlp_bn='default', stop_grad=True):
+    def __init__(self, config=ModelConfig()):
         super().__init__()
-        if predictor not in PREDICTORS:
-            raise ValueError(f'unknown predictor {predictor!r}; choose from {", ".join(PREDICTORS)}')
-        proj_bn, pred_bn = head_bn(mlp_bn)
-        self.stop_grad = stop_grad
-        self.backbone, self.backbone_dim = cifar_resnet(arch)
-        self.projector = projection_mlp(self.backbone_dim, proj_hidden_dim, feature_dim, proj_bn)
-        self.predictor = nn.Identity() if predictor == 'none' else prediction_mlp(feature_dim, pred_dim, pred_bn)
-        if predictor == 'fixed':
+        if config.predictor not in PREDICTORS:
+            raise ValueError(f'unknown predictor {config.predictor!r}; choose from {", ".join(PREDICTORS)}')
+        proj_bn, pred_bn = head_bn(config.mlp_bn)
+        self.config = config
+        self.backbone, self.backbone_dim = cifar_resnet(config.arch)
+        self.projector = projection_mlp(self.backbone_dim, config.proj_hidden_dim, config.feature_dim, proj_bn)
+        self.predictor = nn.Identity() if config.predictor == 'none' else \
+            prediction_mlp(config.feature_dim, config.pred_dim, pred_bn)
+        if config.predictor == 'fixed':
             self.predictor.requires_grad_(False)
 
     def encode(self, x):
@@ -94,9 +140,58 @@ class SimSiam(nn.Module):
         z2 = self.encode(x2)  # NxC
         p1 = self.predictor(z1)  # NxC
         p2 = self.predictor(z2)  # NxC
-        if not self.stop_grad:
+        if not self.config.stop_grad:
             return p1, p2, z1, z2
         return p1, p2, z1.detach(), z2.detach()
+
+    def param_groups(self, fix_pred_lr=False):
+        """The optimizer's parameter groups: the encoder, and the predictor's trained parameters (none when it
+        is the identity or kept fixed, so it is neither trained nor decayed), whose 'fix_lr' keeps it at the
+        initial lr when asked (Table 1c, as the official code's --fix-pred-lr)."""
+        groups = [{'params': list(self.backbone.parameters()) + list(self.projector.parameters()), 'fix_lr': False},
+                  {'params': [p for p in self.predictor.parameters() if p.requires_grad], 'fix_lr': fix_pred_lr}]
+        return [g for g in groups if g['params']]
+
+
+def checkpoint_weights(ckpt):
+    """The SimSiam weights in a main.py checkpoint, model file or state: under 'model' (model files written
+    before the two were one layout hold them under 'state_dict')."""
+    return ckpt['model'] if 'model' in ckpt else ckpt['state_dict']
+
+
+def pretrained_backbone(ckpt, source):
+    """(backbone, feature dim) rebuilt from a main.py checkpoint (model file or state) alone, its weights
+    loaded strictly; a file that does not describe one, or does not fit it, is a UserError naming `source`
+    (the flag and path it came from)."""
+    try:
+        config = ModelConfig.from_dict(ckpt['model_args'])
+        weights = checkpoint_weights(ckpt)
+        backbone, dim = cifar_resnet(config.arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f'{source} does not describe a SimSiam model ({e})') from None
+    result = backbone.load_state_dict({k[len('backbone.'):]: v for k, v in weights.items()
+                                       if k.startswith('backbone.')}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f'{source} does not fit a {config.arch} backbone: missing {result.missing_keys[:4]}, '
+                        f'unexpected {result.unexpected_keys[:4]}')
+    return backbone, dim
+
+
+def count_model(model, classes, image_size, device):
+    """Params (M) and thop FLOPs (G, multiply-adds) for one image of image_size x image_size: of the backbone,
+    of the backbone with a linear head over `classes` classes (what linear evaluation runs), and of the whole
+    SimSiam model (the backbone, projector and predictor of one view: what the seed's results table counts)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    copy_ = copy.deepcopy(model).eval()  # thop leaves buffers behind: count a copy
+    head = torch.nn.Sequential(copy_.backbone, torch.nn.Linear(model.backbone_dim, classes)).to(device)
+    flops, params = thop.profile(head, inputs=(x,), verbose=False)
+    copy_ = copy.deepcopy(model).eval()
+    simsiam_flops, _ = thop.profile(torch.nn.Sequential(copy_.backbone, copy_.projector, copy_.predictor),
+                                    inputs=(x,), verbose=False)
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    return {'backbone_params_M': n_backbone / 1e6, 'linear_params_M': params / 1e6,
+            'flops_G': flops / 1e9, 'simsiam_params_M': n_total / 1e6, 'simsiam_flops_G': simsiam_flops / 1e9}
 
 
 def negative_cosine(p, z):
@@ -110,40 +205,14 @@ def cross_entropy_similarity(p, z):
     return -(F.softmax(z.float(), dim=-1) * F.log_softmax(p.float(), dim=-1)).sum(dim=-1).mean()
 
 
-def simsiam_loss(p1, p2, z1, z2, similarity='cosine', symmetric=True, stop_grad=True):
-    """The symmetric loss L = D(p1, z2)/2 + D(p2, z1)/2 (Sec. 3, Eq. 4), z under the stop-gradient.
+def simsiam_loss(p1, p2, z1, z2, similarity='cosine', symmetric=True):
+    """The symmetric loss L = D(p1, z2)/2 + D(p2, z1)/2 (Sec. 3, Eq. 4); z comes from SimSiam.forward, under
+    the stop-gradient there.
 
     Computed in float32 whatever the dtype of its inputs; with the cosine its minimum is -1. The ablations:
-    similarity 'xent' (Sec. 4.5), symmetric False for D(p1, z2) alone (Sec. 4.6), stop_grad False lets the
-    gradient reach z (Sec. 4.1).
+    similarity 'xent' (Sec. 4.5), symmetric False for D(p1, z2) alone (Sec. 4.6).
     """
     d = negative_cosine if similarity == 'cosine' else cross_entropy_similarity
-    if stop_grad:
-        z1, z2 = z1.detach(), z2.detach()
     if not symmetric:
         return d(p1, z2)
     return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)
-
-
-PROBE_NORMS = ('bn', 'none')
-
-
-class Probe(nn.Linear):
-    """The linear classifier of linear evaluation, on frozen features.
-
-    norm 'bn' puts a BatchNorm without affine parameters in front of it (as MAE's linear probing does):
-    the features are centred and scaled by their running statistics, so the same lr works whatever their
-    scale, and at test time it is still one linear map. The features are frozen, so their statistics do not
-    drift: the running statistics are the plain average over every batch seen (momentum None), not an
-    exponential one that lags behind for its first few dozen steps. norm 'none' is the plain Linear of the
-    seed. Initialised as the official code does: weights N(0, 0.01), biases 0.
-    """
-
-    def __init__(self, dim, classes, norm='bn'):
-        super().__init__(dim, classes)
-        self.weight.data.normal_(mean=0.0, std=0.01)
-        self.bias.data.zero_()
-        self.norm = nn.BatchNorm1d(dim, affine=False, momentum=None) if norm == 'bn' else nn.Identity()
-
-    def forward(self, x):
-        return super().forward(self.norm(x))  # NxD -> NxC

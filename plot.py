@@ -19,8 +19,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  (not pyplot: figures drawn on a painter thread)
 
 import files  # noqa: E402
-import launch  # noqa: E402
-from launch import UserError  # noqa: E402
+import cli  # noqa: E402
+from errors import UserError  # noqa: E402
 from monitor import COLLAPSE_THRESHOLD  # noqa: E402
 
 FIGSIZE = (12, 7.5)  # inches
@@ -166,6 +166,11 @@ def is_evaluation(df):
     return 'train_acc@1' in df
 
 
+def plot_statistics(df, path, title=''):
+    """The statistics picture of a log, a pretraining run's or a linear evaluation's, told by its columns."""
+    (plot_linear if is_evaluation(df) else plot_pretrain)(df, path, title)
+
+
 def plot_csv(csv_path, png_path=None):
     """Redraw the plot of a pretraining or linear-evaluation CSV; returns the PNG path."""
     try:
@@ -176,7 +181,7 @@ def plot_csv(csv_path, png_path=None):
         raise UserError(f'{csv_path!r} has no epoch and train_loss columns: not a log of these scripts')
     png_path = png_path or os.path.splitext(csv_path)[0] + '.png'
     title = os.path.basename(os.path.splitext(csv_path)[0])
-    (plot_linear if is_evaluation(df) else plot_pretrain)(df, png_path, title)
+    plot_statistics(df, png_path, title)
     return png_path
 
 
@@ -211,8 +216,8 @@ def plot_neighbours(queries, neighbours, query_labels, neighbour_labels, similar
 
 
 def parse_args(argv=None):
-    p = launch.Parser(description='Redraw the picture of pretraining or linear-evaluation CSV logs (<name>.png '
-                                  'beside each <name>.csv).')
+    p = cli.Parser(description='Redraw the picture of pretraining or linear-evaluation CSV logs (<name>.png '
+                               'beside each <name>.csv).')
     p.add_argument('csv', nargs='+', help='a <name>_statistics.csv or <name>_linear_statistics.csv')
     return p.parse_args(argv)
 
@@ -225,4 +230,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(launch.cli(main, parse_args))
+    sys.exit(cli.cli(main, parse_args))

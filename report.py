@@ -9,7 +9,8 @@ too): one row per run, Evaluation Protocol (KNN for a pretraining run, Linear fo
 (M), FLOPs (G), Feature Dim, Batch Size, Epoch Num, K, Top1 Acc %, Top5 Acc %, then the ablation switches
 that differ from SimSiam's; and `report.png`: kNN top-1, train loss and z_std_ratio against epoch, one line
 per pretraining run. Runs still in progress, folders with linear runs only and the seed's CSVs are read as
-they are; what a file does not say is '-', and the switches of a run without its record are 'unknown'.
+they are; what a file does not say is '-', and the switches of a run without its record are 'unknown'. A run
+that a non-finite loss stopped shows its epochs as 'N of M (stopped: why)'.
 """
 import glob
 import json
@@ -20,19 +21,20 @@ import sys
 import pandas as pd
 import torch
 
+import cli
 import files
-import launch
-import linear
-import main as pretraining
 import plot
-from model import SimSiam
+from errors import UserError
+from model import ABLATIONS, ModelConfig, SimSiam, count_model
+from probe import LR_GRID, PROBE_NORM
+from utils import IMAGE_SIZE
 
 HEADER = ['Evaluation Protocol', 'Params (M)', 'FLOPs (G)', 'Feature Dim', 'Batch Size', 'Epoch Num', 'K',
           'Top1 Acc %', 'Top5 Acc %']
 
 
 def parse_args(argv=None):
-    p = launch.Parser(description='The results table and curves of every run in a results folder.')
+    p = cli.Parser(description='The results table and curves of every run in a results folder.')
     p.add_argument('results_dir', help='a folder written by main.py and linear.py (their --results_dir)')
     return p.parse_args(argv)
 
@@ -57,9 +59,9 @@ def read_log(path):
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError) as e:
-        raise launch.UserError(f'cannot read {path!r} as a CSV log ({e})') from None
+        raise UserError(f'cannot read {path!r} as a CSV log ({e})') from None
     if 'epoch' not in df or 'test_acc@1' not in df:
-        raise launch.UserError(f'{path!r} has no epoch and test_acc@1 columns: not a log of these scripts')
+        raise UserError(f'{path!r} has no epoch and test_acc@1 columns: not a log of these scripts')
     return df
 
 
@@ -71,8 +73,8 @@ def counts(settings, classes):
     key = json.dumps([settings, classes], sort_keys=True)
     if key not in _COUNTS:
         torch.manual_seed(0)
-        _COUNTS[key] = pretraining.count_model(SimSiam(**pretraining.model_args(settings)), classes,
-                                               torch.device('cpu'))
+        _COUNTS[key] = count_model(SimSiam(ModelConfig.from_settings(settings)), classes, IMAGE_SIZE,
+                                   torch.device('cpu'))
     return _COUNTS[key]
 
 
@@ -83,7 +85,7 @@ def switches(settings):
     """The ablation switches of a run's settings that are not SimSiam's, as flags."""
     if not settings:
         return UNKNOWN
-    changed = [f'--{flag} {settings[flag]}' for flag, default in pretraining.ABLATIONS.items()
+    changed = [f'--{flag} {settings[flag]}' for flag, default in ABLATIONS.items()
                if settings.get(flag, default) != default]
     return changed + (['--fix_pred_lr'] if settings.get('fix_pred_lr') else [])
 
@@ -92,10 +94,12 @@ def number(value, digits=2):
     return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
 
 
-def epochs_done(df, settings):
+def epochs_done(df, record):
+    """The epochs in the log, of the planned ones if it is short of them, and why the run stopped if it did."""
     done = int(df['epoch'].iloc[-1]) if len(df) else 0
-    planned = settings.get('epochs')
-    return str(done) if planned in (None, done) else f'{done} of {planned}'
+    planned = record.get('args', {}).get('epochs')
+    text = str(done) if planned in (None, done) else f'{done} of {planned}'
+    return f'{text} (stopped: {record["stopped"]})' if record.get('stopped') else text
 
 
 def last_measured(df):
@@ -110,14 +114,14 @@ def pretrain_row(name, df, record):
     top1, top5 = last_measured(df)
     return {'run': name, 'Evaluation Protocol': 'KNN', 'Params (M)': number(sizes.get('simsiam_params_M')),
             'FLOPs (G)': number(sizes.get('simsiam_flops_G')), 'Feature Dim': settings.get('feature_dim', '-'),
-            'Batch Size': settings.get('batch_size', '-'), 'Epoch Num': epochs_done(df, settings),
+            'Batch Size': settings.get('batch_size', '-'), 'Epoch Num': epochs_done(df, record),
             'K': settings.get('k', '-'), 'Top1 Acc %': number(top1, 1), 'Top5 Acc %': number(top5, 1),
             'switches': switches(settings)}
 
 
 def probe_settings(settings):
     """linear.py's own settings that are not its defaults: the probe and the learning rates."""
-    defaults = {'probe_norm': linear.PROBE_NORM, 'lr': linear.LR_GRID}
+    defaults = {'probe_norm': PROBE_NORM, 'lr': LR_GRID}
     return [f'--{flag} {",".join(f"{v:g}" for v in value) if isinstance(value, list) else value}'
             for flag in ('probe_norm', 'lr') for value in [settings.get(flag, defaults[flag])]
             if value != defaults[flag]]
@@ -134,7 +138,7 @@ def linear_row(stem, df, record):
         stem = f'{stem} (of pretraining epoch {epoch} of {planned})'
     return {'run': stem, 'Evaluation Protocol': 'Linear',
             'Params (M)': number(sizes.get('linear_params_M')), 'FLOPs (G)': number(sizes.get('flops_G')),
-            'Feature Dim': '-', 'Batch Size': settings.get('batch_size', '-'), 'Epoch Num': epochs_done(df, settings),
+            'Feature Dim': '-', 'Batch Size': settings.get('batch_size', '-'), 'Epoch Num': epochs_done(df, record),
             'K': '-', 'Top1 Acc %': number(top1, 1), 'Top5 Acc %': number(top5, 1),
             'switches': switches(pretrained) + (probe_settings(settings) if settings else [])}
 
@@ -152,11 +156,11 @@ def markdown(rows):
 def report(folder):
     """(the Markdown table, the rows, {name: pretraining log}) of the runs in `folder`."""
     if not os.path.isdir(folder):
-        raise launch.UserError(f'{folder!r} is not a folder')
+        raise UserError(f'{folder!r} is not a folder')
     found = find_logs(folder)
     if not found:
-        raise launch.UserError(f'{folder!r} holds no run: no <name>_statistics.csv or '
-                               f'<name>_linear_statistics.csv in it')
+        raise UserError(f'{folder!r} holds no run: no <name>_statistics.csv or '
+                        f'<name>_linear_statistics.csv in it')
     rows, evaluations, logs = [], [], {}
     for stem, path in found.items():
         df, record = read_log(path), read_json(os.path.join(folder, f'{stem}_args.json'))
@@ -177,11 +181,11 @@ def main(args):
         if logs:
             plot.plot_runs(logs, os.path.join(args.results_dir, 'report.png'))
     except OSError as e:
-        raise launch.UserError(f'cannot write the report in {args.results_dir!r} ({e.strerror or e})') from None
+        raise UserError(f'cannot write the report in {args.results_dir!r} ({e.strerror or e})') from None
     print(table, end='')
     written = 'report.md' + (' and report.png' if logs else '')
     print(f'{len(rows)} run(s); {written} in {args.results_dir}')
 
 
 if __name__ == '__main__':
-    sys.exit(launch.cli(main, parse_args))
+    sys.exit(cli.cli(main, parse_args))

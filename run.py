@@ -1,12 +1,12 @@
-"""The life of a run, shared by both scripts: its output paths, refusing or restoring a saved state, the
-random-number states, the record of what ran, and the one loop over epochs (the saved set per epoch with
-signals held back, the interrupt line, the non-finite stop, the plot refresh and the final line).
+"""The life of a run, shared by both scripts: its lock and output paths, finding and restoring a saved state
+(with the random-number states), the record of what ran, each epoch's set handed over and written in the
+background, interrupts and the final line.
 
-A script says what one epoch trains and what its files hold; `Run` does the rest the same way for both.
+The epoch loop is each script's own: it trains an epoch, makes the row, and hands both to `Run.end_epoch`.
 """
 import contextlib
+import functools
 import json
-import math
 import os
 import sys
 import time
@@ -14,38 +14,14 @@ import time
 import pandas as pd
 import torch
 
+import distributed
 import files
-import launch
 import plot
-import utils
-from launch import JobError, UserError
+import signals
+from errors import JobError, NonFiniteLoss, UserError
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
 HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile', 'save_every'})
-
-
-def cosine_lr(init_lr, epoch, epochs):
-    """lr for 0-based `epoch`: init_lr * (1 + cos(pi * epoch / epochs)) / 2 (paper Sec. 4, SGDR)."""
-    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-def scaled_lr(base_lr, batch_size):
-    """The lr of SGD: base_lr x batch_size / 256 (the paper's rule, Sec. 4), batch_size the global batch; one
-    that float32 weights cannot be stepped with is refused."""
-    lr = base_lr * batch_size / 256
-    if lr > torch.finfo(torch.float32).max:
-        raise JobError(f'--lr {base_lr:g} gives SGD an lr of {lr:.3g} (x batch_size {batch_size} / 256), beyond '
-                       f'float32 ({torch.finfo(torch.float32).max:.3g}); use a smaller --lr')
-    return lr
-
-
-def first_non_finite(losses, epoch, last_step):
-    """Raise NonFiniteLoss for the first non-finite value of `losses` (CPU, one per step, the last being
-    step `last_step` of `epoch`)."""
-    bad = (~losses.isfinite()).nonzero()
-    if len(bad):
-        first = int(bad[0])
-        raise launch.NonFiniteLoss(epoch, last_step - len(losses) + first + 1, losses[first].item())
 
 
 # ----------------------------------------------------------------------------- random-number states
@@ -119,7 +95,7 @@ def run_record(settings, device, extra):
         with contextlib.suppress(OSError):
             with open('/proc/cpuinfo') as f:
                 names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-            device_name = f'{names[0]} ({launch.available_cpus()} CPUs available)' if names else device_name
+            device_name = f'{names[0]} ({distributed.available_cpus()} CPUs available)' if names else device_name
     here = os.path.dirname(os.path.abspath(__file__))
     commit = dirty = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -135,69 +111,75 @@ def run_record(settings, device, extra):
 
 # ----------------------------------------------------------------------------- the run
 
-def check_divisible(batch_size, world):
-    """--batch_size is the global batch: each of the W processes takes batch_size / W per step."""
-    if batch_size % world.world_size:
-        raise JobError(f'--batch_size {batch_size} does not split evenly over {world.world_size} processes; '
-                       f'use a multiple of {world.world_size}')
+# What a run writes, {key: file-name suffix after <name>_}; a script may add its own.
+OUTPUTS = {'csv': 'statistics.csv', 'model': 'model.pth', 'state': 'state.pth', 'plot': 'statistics.png',
+           'record': 'args.json'}
 
 
 class Run:
-    """One run of a script under one name.
+    """One run of a script under one name, from its lock to its final line.
 
-    script: 'main.py' or 'linear.py'; settings: the run's arguments as a dict (saved in every file);
-    outputs: {key: file-name suffix}, with at least 'csv', 'model', 'state', 'plot' and 'record';
-    state_kind: the 'kind' of its state file; columns: the CSV's columns (with 'save_time' among them).
+    script: 'main.py' or 'linear.py'; name: the prefix of its files in settings['results_dir']; settings: the
+    run's arguments as a dict (saved in every file; 'resume', 'epochs' and 'save_every' among them); columns:
+    the CSV's columns (with 'save_time' among them); state_kind: the 'kind' of its state file; title: of its
+    statistics picture.
 
-    `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk in
-    results_dir (None until rank 0 has looked), `failed` the WriteFailed of a set that could not be written
-    (the run stops on it). A set is written in the background while the next epoch trains
-    (files.BackgroundWriter). From the moment it is entered, a SIGINT or SIGTERM ends the run with an
-    Interrupted that says what is on disk, once the set in flight is.
+    `done` counts the epochs trained, `saved_epoch` the last one whose set is complete on disk (None until
+    rank 0 has looked), `failed` the WriteFailed of a set that could not be written (the run stops on it).
+    From the moment it is entered, a SIGINT or SIGTERM ends the run with an Interrupted that says what is
+    on disk, once the set in flight is; a NonFiniteLoss that leaves it ends the run with one line saying
+    what is kept, and the run's record says why it stopped.
     """
 
-    def __init__(self, script, settings, results_dir, name, outputs, state_kind, columns, batch_size, world,
-                 background=True):
-        self.script, self.settings, self.results_dir, self.name = script, settings, results_dir, name
-        self.paths = {key: os.path.join(results_dir, f'{name}_{suffix}') for key, suffix in outputs.items()}
-        self.journal = os.path.join(results_dir, f'.{name}.saving')  # the renames of a set being committed
-        self.lock = files.RunLock(os.path.join(results_dir, f'.{name}.lock'), os.path.join(results_dir, name))
-        self.state_kind, self.columns, self.world = state_kind, columns, world
-        self.log = launch.printer(world)
+    def __init__(self, script, name, settings, *, columns, world, state_kind, outputs=OUTPUTS, title=''):
+        self.script, self.name, self.settings, self.world = script, name, settings, world
+        self.columns, self.state_kind, self.title = columns, state_kind, title
+        self.results_dir = settings['results_dir']
+        self.paths = {key: os.path.join(self.results_dir, f'{name}_{suffix}') for key, suffix in outputs.items()}
+        self.journal = os.path.join(self.results_dir, f'.{name}.saving')  # the renames of a set being committed
+        self.lock = files.RunLock(os.path.join(self.results_dir, f'.{name}.lock'),
+                                  os.path.join(self.results_dir, name))
+        self.log = distributed.printer(world)
         self.rows, self.done, self.saved_epoch, self.failed = [], 0, None, None
-        self.writer = files.BackgroundWriter(background)
+        self.writer = files.BackgroundWriter()
         self.painter = plot.Painter()
-        self._snapshot = None  # (epoch, model dict, whether its set wrote it) of the set last handed over
+        self._record = None  # what write_record wrote, to add how the run stopped
+        self._copies = (None, None)  # the host copies (model, state) of the set last handed over, for reuse
+        self._snapshot = None  # (epoch, model file dict, memo of the state's host copy) of that set
         self._writing = None  # (epoch, wrote the model) of the set being written
         self._model_epoch = None  # the epoch of the model file on disk, when this run wrote it
         self.log('arguments:', json.dumps(settings, sort_keys=True), flush=True)
-        check_divisible(batch_size, world)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, trace):
-        interrupted = None
-        with launch.signals_ignored():  # the run is ending: a signal now must not cut its last write short
+        ending = None
+        with signals.ignored():  # the run is ending: a signal now must not cut its last write short
             try:
                 if self.saved_epoch is not None:  # else a signal came before anything was known of the disk
-                    interrupted = launch.interruption(error, self.saved)
+                    ending = signals.interruption(error, self.saved)
                 failed = self.settle()  # the last set is complete on disk before the script exits
-                self.painter.stop()
+                if ending is None and isinstance(error, NonFiniteLoss):
+                    ending = self._stopped(error, failed)
+                elif ending is None and failed is not None and kind is None:
+                    ending = UserError(f'{failed}; {self.kept()}')
+                self.painter.flush()  # the picture of the last set on disk
             finally:
                 self.lock.release()
-        if interrupted is not None:
+        if ending is not None:
             try:
-                raise interrupted from None
+                raise ending from None
             finally:  # this frame is in its traceback: holding it too would make a cycle, which would keep the
-                interrupted = None  # DataLoader's workers alive until the interpreter's exit waits on them
-        if failed is not None and kind is None:
-            raise UserError(f'{failed}; {self.kept()}')
+                ending = None  # DataLoader's workers alive until the interpreter's exit waits on them
 
-    def find_state(self):
-        """On rank 0: the results folder checked and this run's name locked for as long as the run lasts,
-        a save that an interruption cut short completed or cleaned away, and the saved state to continue
-        from (or None)."""
+    def start(self):
+        """The saved state to continue from (or None), found by rank 0 and handed to every process: the
+        results folder checked, this run's name locked for as long as the run lasts, and a save that an
+        interruption cut short completed or cleaned away first."""
+        return distributed.on_main(self._find_state, self.world)
+
+    def _find_state(self):
         files.check_writable(self.results_dir)
         self.lock.acquire()
         note = files.recover_set(self.journal, list(self.paths.values()))
@@ -210,42 +192,81 @@ class Run:
         self.saved_epoch = state['epoch'] if here else 0  # a state resumed from elsewhere is not saved here
         return state
 
-    def load_data(self, dataset, data_root, batch_size):
-        """(train, test) of the dataset, read by rank 0; a batch larger than the training set is refused."""
-        train, test = launch.on_main(lambda: utils.load_splits(dataset, data_root), self.world)
-        if batch_size > len(train):
-            raise JobError(f'--batch_size {batch_size} is larger than the training set '
-                           f'({len(train)} images): no step would run')
-        return train, test
-
-    def restore(self, state, modules, optimizer, what, epochs):
-        """Load a saved training state into `modules` ({key in the state: module}) and the optimizer (or
-        each of a list of optimizers) and restore the random-number states, the CSV rows so far and the
-        epochs done."""
+    def restore(self, state, parts, what):
+        """Load a saved training state into `parts` ({key in the state: anything with load_state_dict: a
+        module, an optimizer}) and restore the random-number states, the CSV rows so far and the epochs done."""
         if state is None:
             return
         try:
-            for key, module in modules.items():
-                module.load_state_dict(state[key])
-            if isinstance(optimizer, list):
-                if len(state['optimizer']) != len(optimizer):
-                    raise ValueError(f'{len(state["optimizer"])} optimizers saved, {len(optimizer)} here')
-                for one, saved in zip(optimizer, state['optimizer']):
-                    one.load_state_dict(saved)
-            else:
-                optimizer.load_state_dict(state['optimizer'])
+            for key, part in parts.items():
+                part.load_state_dict(state[key])
         except (KeyError, RuntimeError, ValueError) as e:
             raise JobError(f'--resume: the saved state does not fit this {what} ({str(e).splitlines()[0]})') from None
         set_rng_state(state['rng'])
         self.rows, self.done = list(state['rows']), state['epoch']
+        epochs = self.settings['epochs']
         self.log(f'resuming after epoch {self.done} of {epochs}' if self.done < epochs else
                  f'the run is already complete ({self.done} epochs)', flush=True)
 
     def write_record(self, device, extra):
+        """`<name>_args.json`: what this run is (run_record) and `extra`, written by rank 0."""
         if self.world.main:
-            files.write_json(run_record(self.settings, device, {'name': self.name, 'resumed_after_epoch': self.done,
-                                                                'world_size': self.world.world_size, **extra}),
-                             self.paths['record'])
+            self._record = run_record(self.settings, device, {'name': self.name, 'resumed_after_epoch': self.done,
+                                                              'world_size': self.world.world_size, **extra})
+            files.write_json(self._record, self.paths['record'])
+
+    # --------------------------------------------------------------------- the epoch handed over
+
+    def end_epoch(self, row, model, state):
+        """Hand over the epoch just trained: its CSV row, the model file's dict (with its 'kind') and the
+        state's own entries (weights, optimizer), to which the epoch, the arguments, the rows and the
+        random-number states are added.
+
+        Rank 0 writes the CSV and the state (and, every --save_every epochs and after the last, the model) as
+        one set in the background, and redraws the statistics picture once that set is on disk (at most every
+        plot.REDRAW_EVERY_S seconds); SIGINT and SIGTERM wait until the epoch is handed over. The model file's
+        tensors must be the state's or frozen ones: an interrupt before the next set brings the model file
+        up to this epoch from the state's copy.
+        """
+        self.rows.append(row)
+        epoch = row['epoch']
+        with_model = epoch % self.settings['save_every'] == 0 or epoch == self.settings['epochs']
+        with signals.deferred():
+            distributed.on_main(lambda: self._save(epoch, with_model, model, state), self.world)
+            self.done = epoch
+
+    def _save(self, epoch, with_model, model, state):
+        """Wait for the previous set (a write of it that failed stops the run with one line), take a host copy
+        of what this one writes, and go on training while it is written (files.write_set). The seconds the
+        loop waited go in the row's save_time."""
+        start = time.perf_counter()
+        failed = self.settle()
+        if failed is not None:
+            raise UserError(f'{failed}; training stopped and {self.kept()}')
+        common = {'epoch': epoch, 'args': self.settings}
+        model, memo = {**model, **common}, {}
+        self._snapshot = None  # its copies are overwritten now
+        state = files.host_copy({'kind': self.state_kind, **state, 'rows': self.rows, 'rng': rng_state(), **common},
+                                into=self._copies[1], memo=memo)
+        copied = files.host_copy(model, into=self._copies[0], memo=memo) if with_model else None
+        self._copies = (copied or self._copies[0], state)
+        self.rows[-1]['save_time'] = state['rows'][-1]['save_time'] = time.perf_counter() - start
+        rows = list(self.rows)
+        table = pd.DataFrame(rows, columns=self.columns).to_csv(index=False).encode()
+        parts = [(self.paths['csv'], lambda f: f.write(table))]
+        if with_model:
+            parts.append((self.paths['model'], _saver(copied)))
+        parts.append((self.paths['state'], _saver(state)))
+        self._snapshot = (epoch, model, memo)
+        self._writing = (epoch, with_model)
+
+        def write():
+            files.write_set(parts, self.journal)
+            self.painter.post(functools.partial(self._draw, rows))  # the picture shows what is on disk
+        self.writer.start(write)
+
+    def _draw(self, rows):
+        plot.plot_statistics(pd.DataFrame(rows, columns=self.columns), self.paths['plot'], self.title)
 
     # --------------------------------------------------------------------- what is on disk
 
@@ -273,8 +294,9 @@ class Run:
         if self.settle() is not None:
             return f'{self.failed}; {self.kept()}'
         if self._snapshot is not None and self._snapshot[0] == self.saved_epoch != self._model_epoch:
+            _, model, memo = self._snapshot
             with contextlib.suppress(files.WriteFailed):
-                files.write_set([(self.paths['model'], _saver(self._snapshot[1]))], self.journal)
+                files.write_set([(self.paths['model'], _saver(files.host_copy(model, memo=memo)))], self.journal)
                 self._model_epoch = self.saved_epoch
         return (f'epochs 1-{self.saved_epoch} are saved in {self.paths["state"]}' if self.saved_epoch
                 else 'no epoch had completed')
@@ -284,59 +306,17 @@ class Run:
         return (f'{self.paths["state"]} holds epoch {self.saved_epoch}, the last complete one, as does the CSV'
                 if self.saved_epoch else 'nothing was saved')
 
-    # --------------------------------------------------------------------- the loop
-
-    def loop(self, epochs, save_every, train_epoch, checkpoint, plot, describe):
-        """Run the epochs after the last one done.
-
-        train_epoch(epoch) -> the epoch's CSV row (it may raise NonFiniteLoss); checkpoint() -> (model,
-        state): the model file's dict (with its 'kind') and the state's own entries (weights, optimizer),
-        to which the epoch, the arguments, the rows and the random-number states are added; plot(rows)
-        redraws the statistics picture (on the painter's thread, at most every plot.REDRAW_EVERY_S
-        seconds); describe(row) is the epoch's line. After each epoch rank 0 writes the CSV and the state
-        (and, every `save_every` epochs and after the last, the model) as one set, in the background.
-        """
-        for epoch in range(self.done + 1, epochs + 1):
-            try:
-                row = train_epoch(epoch)
-            except launch.NonFiniteLoss as e:
-                failed = self.settle()
-                if failed is not None:
-                    raise UserError(f'{failed}; training stopped and {self.kept()}') from None
-                kept = (f'the state of epoch {self.saved_epoch} is kept in {self.paths["state"]}'
-                        if self.saved_epoch else 'nothing was saved')
-                raise JobError(f'{e}; training stopped and {kept} (try a lower --lr)') from None
-            self.rows.append(row)
-            with_model = epoch % save_every == 0 or epoch == epochs
-            with launch.signals_deferred():  # a signal now is taken once the epoch is handed over
-                launch.on_main(lambda: self.save(epoch, with_model, *checkpoint()), self.world)
-                self.done = epoch
-            if self.world.main:
-                rows = list(self.rows)
-                self.painter.post(lambda: plot(rows))
-            self.log(describe(row), flush=True)
-
-    def save(self, epoch, with_model, model, state):
-        """Hand the epoch's set to the writer: wait for the previous set (a write of it that failed stops
-        the run with one line), take a host copy of what this one needs, and go on training while it is
-        written (files.write_set). The seconds the loop waited go in the row's save_time."""
-        start = time.perf_counter()
-        failed = self.settle()
+    def _stopped(self, error, failed):
+        """The one line of a run that a non-finite loss stopped (`failed`: a set that could not be written), and
+        the reason added to its record, for report.py."""
         if failed is not None:
-            raise UserError(f'{failed}; training stopped and {self.kept()}')
-        common = {'epoch': epoch, 'args': self.settings}
-        into, self._snapshot = self._snapshot and self._snapshot[2], None  # no longer a snapshot: overwritten now
-        model, state = files.host_copy(({**model, **common}, {'kind': self.state_kind, **state, 'rows': self.rows,
-                                                               'rng': rng_state(), **common}), into=into)
-        self.rows[-1]['save_time'] = state['rows'][-1]['save_time'] = time.perf_counter() - start
-        table = pd.DataFrame(self.rows, columns=self.columns).to_csv(index=False).encode()
-        parts = [(self.paths['csv'], lambda f: f.write(table))]
-        if with_model:
-            parts.append((self.paths['model'], _saver(model)))
-        parts.append((self.paths['state'], _saver(state)))
-        self._snapshot = (epoch, model, (model, state))
-        self._writing = (epoch, with_model)
-        self.writer.start(lambda: files.write_set(parts, self.journal))
+            return UserError(f'{failed}; training stopped and {self.kept()}')
+        if self._record is not None:
+            with contextlib.suppress(OSError):
+                files.write_json({**self._record, 'stopped': str(error)}, self.paths['record'])
+        kept = (f'the state of epoch {self.saved_epoch} is kept in {self.paths["state"]}'
+                if self.saved_epoch else 'nothing was saved')
+        return JobError(f'{error}; training stopped and {kept} (try a lower --lr)')
 
     def finish(self, summary, pictures=()):
         """After the last epoch: the last set complete on disk, the statistics picture and `pictures` (functions

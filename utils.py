@@ -15,7 +15,9 @@ from torchvision import transforms as T
 import augment
 from augment import IMAGE_SIZE, LINEAR, MEAN, PRETRAIN, STD
 from distributed import SINGLE
-from launch import AUGMENTATIONS, UserError, ignore_signals_in_worker
+from errors import JobError, UserError
+from signals import ignore_in_worker
+from speed import AUGMENTATIONS
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
@@ -156,6 +158,13 @@ def load_splits(name, root):
     return train, load_dataset(name, root, train=False, classes=train.classes)
 
 
+def require_a_step(batch_size, images, what='the training set'):
+    """Refuse a batch larger than the `images` it is drawn from: incomplete batches are dropped, so no step
+    would run."""
+    if batch_size > images:
+        raise JobError(f'--batch_size {batch_size} is larger than {what} ({images} images): no step would run')
+
+
 # ----------------------------------------------------------------------------- augmentation (PIL path)
 
 def pretrain_transform(mean=MEAN, std=STD, size=IMAGE_SIZE, recipe=PRETRAIN):
@@ -266,7 +275,7 @@ class ViewSource:
                                         self.world.world_size)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_signals_in_worker)
+                pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_in_worker)
             return self._from_loader(loader), len(loader)
         batches = epoch_batches(self.n, batch_size, self.seed, epoch, self.world.rank, self.world.world_size)
         if not batches:

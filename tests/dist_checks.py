@@ -8,18 +8,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
-import main  # noqa: E402
-import launch  # noqa: E402
 import monitor  # noqa: E402
+import optim  # noqa: E402
 import utils  # noqa: E402
-from model import SimSiam  # noqa: E402
+from model import ModelConfig, SimSiam  # noqa: E402
+from pretrain import train_epoch  # noqa: E402
+from speed import Speed  # noqa: E402
 
 GLOBAL_BATCH = 16
 
 
 def fixed_model():
     torch.manual_seed(0)
-    return SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=64)
+    return SimSiam(ModelConfig('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=64))
 
 
 def check(data_root, world, device, sync=True):
@@ -34,18 +35,18 @@ def check(data_root, world, device, sync=True):
     mine = slice(world.rank * local, (world.rank + 1) * local)
     if sync and world.distributed:
         model = distributed.sync_batchnorm(model, device)
-    optimizer = main.build_optimizer(model, 0.5, 0.9, 5e-4, False)
+    optimizer = optim.sgd(model.param_groups(), 0.5, 0.9, 5e-4)
     net = distributed.data_parallel(model, world, device)
-    speed = launch.Speed(device, 'batched', amp=False, channels_last=False, compile=False)
-    loss, z_std = main.train_epoch(net, [([x1[mine], x2[mine]], None)], 1, optimizer, 1, 1, speed, world,
-                                   progress=False)
+    speed = Speed(device, 'batched', amp=False, channels_last=False, compile=False)
+    loss, z_std = train_epoch(net, [([x1[mine], x2[mine]], None)], 1, optimizer, 1, 1, speed, world,
+                              progress=False)
     return {'top1': top1, 'top5': top5, 'bank': bank, 'queries': queries, 'loss': loss, 'z_std': z_std,
             'weights': {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 if __name__ == '__main__':
     out, data_root = sys.argv[1], sys.argv[2]
-    with launch.processes('cpu', os.environ) as (world, device):
+    with distributed.processes('cpu', os.environ) as (world, device):
         results = {'sync': check(data_root, world, device, sync=True),
                    'unsynced': check(data_root, world, device, sync=False)}
         if world.main:

@@ -6,9 +6,9 @@ import urllib.error
 import pytest
 import torch
 
+import cli
 import linear
 import main
-import launch
 from conftest import TINY, run_script
 
 TINY = [*TINY, '--epochs', '1']
@@ -22,7 +22,7 @@ def bad_files(tmp_path_factory, finished):
     (d / 'empty.pth').write_bytes(b'')
     (d / 'noise.pth').write_bytes(os.urandom(5000))
     (d / 'cut.pth').write_bytes((finished / 'run_model.pth').read_bytes()[:4000])
-    torch.save(torch.load(finished / 'run_model.pth', weights_only=True)['state_dict'], d / 'plain.pth')
+    torch.save(torch.load(finished / 'run_model.pth', weights_only=True)['model'], d / 'plain.pth')
     (d / 'notes').mkdir()
     (d / 'file').write_text('x')
     return d
@@ -36,7 +36,7 @@ def run_cli(module, argv, monkeypatch, capsys):
     """The script's command-line entry point, in-process; returns (status, stderr)."""
     monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, argv)])
     try:
-        status = launch.cli(module.main, module.parse_args)
+        status = cli.cli(module.main, module.parse_args)
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().err
@@ -68,6 +68,8 @@ MAIN_CASES = [
     (['--resume', '{out}/run_linear_state.pth'], "is a 'simsiam_linear_state' file"),
     (['--resume', '{out}/run_model.pth'], "is a 'simsiam_model' file"),
     (['--resume', '{bad}/plain.pth'], 'is not a file written by main.py or linear.py (top-level keys: backbone.'),
+    (['--predictor', 'none', '--fix_pred_lr'],
+     "--fix_pred_lr keeps a trained predictor's lr fixed, but --predictor none has none to train"),
 ]
 if not torch.cuda.is_available():
     MAIN_CASES.append((['--device', 'cuda'], '--device cuda: CUDA is not available on this machine'))

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import augment
-import main
 import monitor
+import optim
 import utils
 from conftest import ROOT, make_shapes, run_script
+from model import ModelConfig, SimSiam, simsiam_loss
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -123,11 +124,11 @@ def nccl_check():
     device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     torch.cuda.set_device(device)
     world = distributed.World(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    model = distributed.sync_batchnorm(main.SimSiam('resnet18', 64, 16, 64).to(device), device)
+    model = distributed.sync_batchnorm(SimSiam(ModelConfig('resnet18', 64, 16, 64)).to(device), device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-    optimizer = main.build_optimizer(model, 0.1, 0.9, 5e-4, False)
+    optimizer = optim.sgd(model.param_groups(), 0.1, 0.9, 5e-4)
     x1, x2 = torch.randn(2, 8, 3, 32, 32, device=device)
-    loss = main.simsiam_loss(*net(x1, x2))
+    loss = simsiam_loss(*net(x1, x2))
     loss.backward()
     optimizer.step()
     total = distributed.all_sum(torch.ones(1, device=device), distributed.World(world.rank, 2))  # forced collective

@@ -169,7 +169,7 @@ def test_a_killed_rank_ends_the_job_and_the_resumed_run_is_the_same_run(uninterr
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'resuming after epoch {state["epoch"]} of 3' in r.stdout
     assert csv_without(csv, main.WALL_CLOCK) == csv_without(uninterrupted / 'job_statistics.csv', main.WALL_CLOCK)
-    resumed, whole = (torch.load(d / 'job_model.pth', weights_only=True)['state_dict'] for d in (tmp_path, uninterrupted))
+    resumed, whole = (torch.load(d / 'job_model.pth', weights_only=True)['model'] for d in (tmp_path, uninterrupted))
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 

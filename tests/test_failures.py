@@ -12,8 +12,8 @@ import tarfile
 import pytest
 import torch
 
+import errors
 import files
-import launch
 import linear
 import main
 import utils
@@ -48,7 +48,7 @@ def test_linear_refuses_a_name_in_use_and_a_pretraining_run_does_not_block_it(fi
     try:
         argv = ['--model_path', str(finished / 'run_model.pth'), '--results_dir', str(tmp_path), '--epochs', '1',
                 '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']
-        with pytest.raises(launch.UserError, match=rf'is in use by another run \(pid {os.getpid()} on host '):
+        with pytest.raises(errors.UserError, match=rf'is in use by another run \(pid {os.getpid()} on host '):
             linear.main(linear.parse_args(argv))
         assert os.listdir(tmp_path) == ['.run_linear.lock']
     finally:
@@ -73,7 +73,7 @@ print('locked', flush=True)
 time.sleep(600)
 '''], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(launch.UserError, match=f'pid {holder.pid} on host'):
+    with pytest.raises(errors.UserError, match=f'pid {holder.pid} on host'):
         files.RunLock(path, 'x').acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -188,7 +188,7 @@ def test_a_damaged_cifar_archive_is_named_and_kept(tmp_path):
     root = tmp_path / 'data'
     root.mkdir()
     (root / 'cifar-10-python.tar.gz').write_bytes(os.urandom(50_000))
-    with pytest.raises(launch.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         utils.load_dataset('cifar10', str(root), train=True)
     assert str(e.value) == (
         f"'{root / 'cifar-10-python.tar.gz'}' is damaged (its MD5 sum is not the published one: truncated or "
@@ -200,7 +200,7 @@ def test_a_damaged_cifar_archive_is_named_and_kept(tmp_path):
 def test_a_damaged_extracted_batch_is_named(tmp_path):
     write_cifar10(tmp_path, 50, 20)  # its files are not the published ones, so the MD5 check fails for each
     (tmp_path / 'cifar-10-batches-py' / 'data_batch_1').write_bytes(b'')
-    with pytest.raises(launch.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         utils.load_dataset('cifar10', str(tmp_path), train=True)
     assert str(e.value).startswith(f"'{tmp_path / 'cifar-10-batches-py' / 'data_batch_1'}' is damaged (its MD5 "
                                    f"sum is not the published one); delete '{tmp_path / 'cifar-10-batches-py'}' "
@@ -219,13 +219,13 @@ def test_a_truncated_archive_and_an_unreadable_batch_are_named(tmp_path, cifar_f
     whole = (root / 'whole.tar.gz').read_bytes()
     (root / 'whole.tar.gz').unlink()
     (root / 'cifar-10-python.tar.gz').write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(launch.UserError, match=r"cifar-10-python.tar.gz' cannot be unpacked \(.*\): it is "
+    with pytest.raises(errors.UserError, match=r"cifar-10-python.tar.gz' cannot be unpacked \(.*\): it is "
                                                r"damaged; delete it and fetch cifar-10-python.tar.gz again"):
         utils.load_dataset('cifar10', str(root), train=True)
     assert os.path.getsize(root / 'cifar-10-python.tar.gz') == len(whole) // 2
 
     (source / 'cifar-10-batches-py' / 'data_batch_3').write_bytes(b'')
-    with pytest.raises(launch.UserError, match=rf"the cifar10 files in '{source / 'cifar-10-batches-py'}' cannot "
+    with pytest.raises(errors.UserError, match=rf"the cifar10 files in '{source / 'cifar-10-batches-py'}' cannot "
                                                rf"be read \(EOFError: .*\); delete "):
         utils.load_dataset('cifar10', str(source), train=True)
 
@@ -235,7 +235,7 @@ def test_an_image_that_cannot_be_read_is_named_with_the_fix(tmp_path, content, w
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     path = tmp_path / 'train' / 'a' / 'bad.png'
     path.write_bytes(content)
-    with pytest.raises(launch.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         utils.load_dataset('folder', str(tmp_path), train=True)
     assert str(e.value) == (f"cannot read image '{path}' ({why}): replace it with a readable image or move it "
                             f"out of '{tmp_path / 'train'}'")
@@ -245,7 +245,7 @@ def test_an_image_that_cannot_be_read_is_named_with_the_fix(tmp_path, content, w
 SLOW_WRITES = '''
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import files, launch, main
+import cli, files, main
 real = files._Recording.write
 def slow(self, data):  # about one second per checkpoint file: a kill can land in the middle of a write
     print('writing', flush=True)
@@ -253,7 +253,7 @@ def slow(self, data):  # about one second per checkpoint file: a kill can land i
     return real(self, data)
 files._Recording.write = slow
 sys.argv = ['main.py', *sys.argv[2:]]
-sys.exit(launch.cli(main.main, main.parse_args))
+sys.exit(cli.cli(main.main, main.parse_args))
 '''
 
 

@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-import launch
+import cli
+import errors
 import linear
+import probe
+import signals
 import utils
 from conftest import csv_without
-from model import Probe
+from probe import Probe, ProbeGrid
 
 CLASSES = 4
 
@@ -40,7 +43,7 @@ def train_probe(norm, lr, epochs=3, features=lambda x: x):
     optimizer = torch.optim.SGD(head.parameters(), lr=lr * 32 / 256, momentum=0.9)
     results = []
     for epoch in range(1, epochs + 1):
-        (result,), diverged = linear.train_epoch(features, [head], batches_of(x, y), [optimizer], epoch)
+        (result,), diverged = probe.train_epoch(features, [head], batches_of(x, y), [optimizer], epoch)
         if diverged:
             return results, diverged[0]
         results.append(result)
@@ -53,7 +56,7 @@ def test_the_bn_probe_trains_at_lr_30_on_offset_features_and_the_plain_one_does_
     assert bn[-1][0] < math.log(CLASSES) and bn[-1][1] > 90  # a sane loss, and it has learnt the classes
     plain, stopped = train_probe('none', 30.0)
     # the logits blow up: the loss is far above that of a uniform guess, or not even finite
-    assert stopped is not None or linear.blowing_up(plain[-1][0], CLASSES), plain
+    assert stopped is not None or probe.blowing_up(plain[-1][0], CLASSES), plain
 
 
 def test_a_grid_trains_every_head_on_one_pass_of_the_backbone_each_as_if_alone():
@@ -69,22 +72,22 @@ def test_a_grid_trains_every_head_on_one_pass_of_the_backbone_each_as_if_alone()
         torch.manual_seed(0)
         heads.append(Probe(x.size(1), CLASSES, 'bn'))
         optimizers.append(torch.optim.SGD(heads[-1].parameters(), lr=lr * 32 / 256, momentum=0.9))
-    results, diverged = linear.train_epoch(backbone, heads, batches_of(x, y), optimizers, 1)
+    results, diverged = probe.train_epoch(backbone, heads, batches_of(x, y), optimizers, 1)
     assert not diverged and len(calls) == len(batches_of(x, y))  # the backbone once per batch, not per head
     for lr, head, result in zip(lrs, heads, results):
         torch.manual_seed(0)
         alone = Probe(x.size(1), CLASSES, 'bn')
         optimizer = torch.optim.SGD(alone.parameters(), lr=lr * 32 / 256, momentum=0.9)
-        (single,), _ = linear.train_epoch(lambda b: b, [alone], batches_of(x, y), [optimizer], 1)
+        (single,), _ = probe.train_epoch(lambda b: b, [alone], batches_of(x, y), [optimizer], 1)
         assert single == result
         assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), head.state_dict().values()))
 
 
 def test_selection_looks_at_the_validation_numbers_only():
     val_acc = {0: 40.0, 1: 75.0, 2: 60.0}
-    assert linear.select_head(val_acc, [0, 1, 2]) == 1
-    assert linear.select_head(val_acc, [0, 2]) == 2  # a diverged head is never chosen
-    assert linear.select_head({0: 50.0, 1: 50.0}, [0, 1]) == 0  # a tie goes to the first
+    assert probe.select_head(val_acc, [0, 1, 2]) == 1
+    assert probe.select_head(val_acc, [0, 2]) == 2  # a diverged head is never chosen
+    assert probe.select_head({0: 50.0, 1: 50.0}, [0, 1]) == 0  # a tie goes to the first
 
 
 def test_the_validation_split_is_fixed_by_the_seed_and_disjoint_from_training():
@@ -132,25 +135,82 @@ def test_a_grid_run_equals_single_value_runs_and_reports_the_head_chosen_on_vali
     model = torch.load(out / 'run_linear_model.pth', weights_only=True)
     assert model['head_lr'] == chosen[-1]  # the saved model holds the head chosen
     state = torch.load(out / 'run_linear_state.pth', weights_only=True)
-    best = state['heads']
+    best = state['probe']['heads']
     index = [float(v) for v in GRID].index(chosen[-1])
     assert all(torch.equal(model['head'][k], best[f'{index}.{k}']) for k in model['head'])
 
 
-def test_a_grid_interrupted_and_resumed_is_the_same_run(finished, grid_run, tmp_path, monkeypatch):
-    real = linear.train_epoch
+def interrupted_in_epoch_2(finished, out, monkeypatch):
+    """The grid evaluation into `out`, stopped by SIGTERM in epoch 2 (epoch 1 saved)."""
+    real = probe.train_epoch
 
-    def interrupted_in_epoch_2(features, heads, batches, optimizers, epoch, *rest, **kw):
+    def interrupted(features, heads, batches, optimizers, epoch, *rest, **kw):
         if epoch == 2:
-            raise launch._Signal(signal.SIGTERM)
+            raise signals.Signal(signal.SIGTERM)
         return real(features, heads, batches, optimizers, epoch, *rest, **kw)
-    monkeypatch.setattr(linear, 'train_epoch', interrupted_in_epoch_2)
-    with pytest.raises(launch.Interrupted):
-        evaluate(finished, tmp_path)
-    monkeypatch.setattr(linear, 'train_epoch', real)
+    monkeypatch.setattr(probe, 'train_epoch', interrupted)
+    with pytest.raises(errors.Interrupted):
+        evaluate(finished, out)
+    monkeypatch.setattr(probe, 'train_epoch', real)
+
+
+def test_a_grid_interrupted_and_resumed_is_the_same_run(finished, grid_run, tmp_path, monkeypatch):
+    interrupted_in_epoch_2(finished, tmp_path, monkeypatch)
     evaluate(finished, tmp_path, '--resume', 'auto')
     assert csv_without(tmp_path / 'run_linear_statistics.csv', linear.WALL_CLOCK) == \
         csv_without(grid_run[0] / 'run_linear_statistics.csv', linear.WALL_CLOCK)
+
+
+def legacy_layout(probe_state, single):
+    """A linear.py state's probe as states written before the grid was one object held it, at the top level."""
+    if single:
+        return {'head': {k[len('0.'):]: v for k, v in probe_state['heads'].items()},
+                'optimizer': probe_state['optimizers'][0], 'dead': probe_state['dead'], 'warned': probe_state['warned']}
+    return {'heads': probe_state['heads'], 'optimizer': probe_state['optimizers'], 'dead': probe_state['dead'],
+            'warned': probe_state['warned']}
+
+
+def test_a_grid_state_of_the_earlier_layout_resumes_as_the_same_run(finished, grid_run, tmp_path, monkeypatch):
+    interrupted_in_epoch_2(finished, tmp_path, monkeypatch)
+    path = tmp_path / 'run_linear_state.pth'
+    state = torch.load(path, weights_only=True)
+    rest = {k: v for k, v in state.items() if k != 'probe'}
+    torch.save({**rest, **legacy_layout(state['probe'], single=False)}, path)
+    evaluate(finished, tmp_path, '--resume', 'auto')
+    assert csv_without(tmp_path / 'run_linear_statistics.csv', linear.WALL_CLOCK) == \
+        csv_without(grid_run[0] / 'run_linear_statistics.csv', linear.WALL_CLOCK)
+
+
+def test_a_single_head_state_of_the_earlier_layout_loads_into_a_grid_of_one():
+    x, y = offset_features()
+    trained = ProbeGrid(x.size(1), CLASSES, [1.0], 'bn', 32, 0.9, 0, 'cpu')
+    trained.set_epoch(1, 3)
+    trained.train_epoch(lambda b: b, batches_of(x, y), 1)
+    saved = trained.state_dict()
+    legacy = legacy_layout(saved, single=True)
+    assert set(legacy['head']) == {k[2:] for k in saved['heads']}  # the single head's keys have no index
+    fresh = ProbeGrid(x.size(1), CLASSES, [1.0], 'bn', 32, 0.9, 1, 'cpu')
+    fresh.load_state_dict(probe.saved_probe({'epoch': 1, **legacy}))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.heads.state_dict().values(), saved['heads'].values()))
+    momentum = lambda grid: [s['momentum_buffer'] for s in grid.optimizers[0].state_dict()['state'].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum(fresh), momentum(trained))) and momentum(fresh)
+    # a state of today's layout passes through unchanged
+    assert probe.saved_probe({'epoch': 1, 'probe': saved})['heads'] is saved['heads']
+
+
+def test_the_frozen_backbone_is_copied_to_the_host_only_in_epochs_that_write_the_model(finished, tmp_path,
+                                                                                         monkeypatch):
+    import files
+    real, copied = files.host_copy, []
+
+    def recording(obj, *a, **kw):
+        if isinstance(obj, dict) and obj.get('kind') == 'simsiam_linear':
+            copied.append(obj['epoch'])
+        return real(obj, *a, **kw)
+    monkeypatch.setattr(files, 'host_copy', recording)
+    evaluate(finished, tmp_path, '--save_every', '2', lr='1')  # 3 epochs: the model is written after 2 and 3
+    assert copied == [2, 3]
+    assert torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)['epoch'] == 3
 
 
 def test_a_diverging_head_stops_alone_and_says_so(finished, tmp_path, capsys):
@@ -189,7 +249,7 @@ def test_resuming_an_evaluation_of_a_pretraining_that_moved_on_is_refused(finish
     linear.main(linear.parse_args(args))
     torch.save({**model, 'epoch': 2}, tmp_path / 'run_model.pth')  # the pretraining went on
     before = sorted(os.listdir(tmp_path / 'out'))
-    with pytest.raises(launch.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         linear.main(linear.parse_args([*args, '--resume', 'auto']))
     assert str(e.value) == (f"--resume: the saved evaluation is of pretraining epoch 1, but "
                             f"'{tmp_path / 'run_model.pth'}' now holds epoch 2; evaluate it afresh under another "
@@ -200,10 +260,10 @@ def test_resuming_an_evaluation_of_a_pretraining_that_moved_on_is_refused(finish
 def test_a_loss_far_above_a_uniform_guess_gives_one_warning(finished, tmp_path, capsys):
     stats = evaluate(finished, tmp_path, '--probe_norm', 'none', lr='300')
     err = capsys.readouterr().err
-    assert linear.blowing_up(stats['train_loss'].iloc[0], CLASSES), stats  # 34 here, against ln(4) = 1.39
+    assert probe.blowing_up(stats['train_loss'].iloc[0], CLASSES), stats  # 34 here, against ln(4) = 1.39
     assert err.count('warning: linear head lr=300: training loss ') == 1  # once, though every epoch is as bad
     assert f'is far above ln(4) = {math.log(4):.2f}, the loss of a uniform guess' in err
-    assert all(linear.blowing_up(loss, CLASSES) for loss in stats['train_loss'])
+    assert all(probe.blowing_up(loss, CLASSES) for loss in stats['train_loss'])
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -221,7 +281,7 @@ def test_bad_grid_flags_are_one_line(extra, message, finished, tmp_path, monkeyp
     monkeypatch.setattr(sys, 'argv', ['linear.py', '--model_path', str(finished / 'run_model.pth'),
                                       '--results_dir', str(tmp_path), '--device', 'cpu', *extra])
     try:
-        status = launch.cli(linear.main, linear.parse_args)
+        status = cli.cli(linear.main, linear.parse_args)
     except SystemExit as e:
         status = e.code
     lines = capsys.readouterr().err.strip().splitlines()

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import main
-from model import SimSiam, cifar_resnet, simsiam_loss
+import optim
+from model import ModelConfig, SimSiam, cifar_resnet, count_model, simsiam_loss
 
 
 def test_backbone_is_the_cifar_variant():
@@ -34,7 +35,7 @@ def test_unknown_arch_is_refused():
 
 
 def test_projector_and_predictor_layout():
-    model = SimSiam('resnet18', feature_dim=256, pred_dim=64, proj_hidden_dim=128)
+    model = SimSiam(ModelConfig('resnet18', feature_dim=256, pred_dim=64, proj_hidden_dim=128))
     types = [type(m) for m in model.projector]
     assert types == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
     assert model.projector[0].in_features == 512 and model.projector[0].out_features == 128
@@ -48,14 +49,14 @@ def test_projector_and_predictor_layout():
 
 
 def test_default_dims_are_the_papers():
-    model = SimSiam('resnet18')
+    model = SimSiam(ModelConfig('resnet18'))
     assert model.projector[0].out_features == 2048 and model.projector[3].out_features == 2048
     assert model.predictor[0].out_features == 512 and model.predictor[3].out_features == 2048
 
 
 def test_forward_shapes_and_detached_targets():
     torch.manual_seed(0)
-    model = SimSiam('resnet18', feature_dim=128, pred_dim=32, proj_hidden_dim=64)
+    model = SimSiam(ModelConfig('resnet18', feature_dim=128, pred_dim=32, proj_hidden_dim=64))
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     p1, p2, z1, z2 = model(x1, x2)
     assert p1.shape == p2.shape == z1.shape == z2.shape == (4, 128)
@@ -67,7 +68,7 @@ def test_views_get_their_own_batchnorm_statistics():
     # In train mode BN normalises with batch statistics: with two separate passes, view 1's outputs
     # cannot depend on view 2; one concatenated pass would mix them.
     torch.manual_seed(0)
-    model = SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32).train()
+    model = SimSiam(ModelConfig('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32)).train()
     x1 = torch.randn(4, 3, 32, 32)
     p1a, _, z1a, _ = model(x1, torch.randn(4, 3, 32, 32))
     p1b, _, z1b, _ = model(x1, torch.randn(4, 3, 32, 32) * 3 + 1)
@@ -89,12 +90,22 @@ def test_loss_is_minus_one_when_predictions_match_targets():
     assert simsiam_loss(z * 2, z * 3, z, z).item() == pytest.approx(-1.0, abs=1e-6)
 
 
-def test_loss_sends_no_gradient_to_z():
-    p1, p2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-    z1, z2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-    simsiam_loss(p1, p2, z1, z2).backward()
-    assert z1.grad is None and z2.grad is None
-    assert p1.grad is not None and p1.grad.abs().sum() > 0
+def test_the_targets_are_constants_to_the_loss():
+    # The stop-gradient (applied once, in SimSiam.forward): the loss on the model's outputs gives every
+    # parameter the gradient it has with z replaced by fixed copies, and z itself gets none.
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    grads = []
+    for constant in (False, True):
+        model = tiny()
+        p1, p2, z1, z2 = model(x1, x2)
+        if constant:
+            z1, z2 = z1.detach().clone(), z2.detach().clone()
+        else:
+            assert not z1.requires_grad and not z2.requires_grad
+        simsiam_loss(p1, p2, z1, z2).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        assert p1.requires_grad and sum(float(g.abs().sum()) for g in grads[-1]) > 0
+    assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_loss_is_float32_under_bf16_inputs():
@@ -106,7 +117,7 @@ def test_encoder_gradient_comes_only_through_the_predictor():
     # With the stop-gradient, zeroing the predictor's last layer zeroes every gradient in the encoder:
     # the only path from the loss to the encoder is through p.
     torch.manual_seed(0)
-    model = SimSiam('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16)
+    model = SimSiam(ModelConfig('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16))
     with torch.no_grad():
         model.predictor[3].weight.zero_()
         model.predictor[3].bias.normal_()
@@ -117,19 +128,19 @@ def test_encoder_gradient_comes_only_through_the_predictor():
 
 
 def test_param_and_flop_counts_match_the_seed_table():
-    counts = main.count_model(SimSiam('resnet50'), 10, torch.device('cpu'))
+    counts = count_model(SimSiam(ModelConfig('resnet50')), 10, 32, torch.device('cpu'))
     assert round(counts['backbone_params_M'], 2) == 23.50
     assert round(counts['linear_params_M'], 2) == 23.52
     assert round(counts['flops_G'], 2) == 1.31
     # the head has one output per class: 2048 x 100 + 100 parameters for CIFAR-100
-    hundred = main.count_model(SimSiam('resnet50'), 100, torch.device('cpu'))
+    hundred = count_model(SimSiam(ModelConfig('resnet50')), 100, 32, torch.device('cpu'))
     assert hundred['linear_params_M'] * 1e6 - counts['linear_params_M'] * 1e6 == pytest.approx(2049 * 90)
 
 
 def test_counting_leaves_the_model_untouched():
-    model = SimSiam('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32)
+    model = SimSiam(ModelConfig('resnet18', feature_dim=64, pred_dim=16, proj_hidden_dim=32))
     keys = set(model.state_dict())
-    main.count_model(model, 4, torch.device('cpu'))
+    count_model(model, 4, 32, torch.device('cpu'))
     assert set(model.state_dict()) == keys
 
 
@@ -137,7 +148,7 @@ def test_counting_leaves_the_model_untouched():
 
 def tiny(**switches):
     torch.manual_seed(0)
-    return SimSiam('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16, **switches)
+    return SimSiam(ModelConfig('resnet18', feature_dim=32, pred_dim=8, proj_hidden_dim=16, **switches))
 
 
 def test_without_stop_gradient_z_gets_a_gradient():
@@ -147,14 +158,14 @@ def test_without_stop_gradient_z_gets_a_gradient():
     model = tiny(stop_grad=False)
     p1, p2, z1, z2 = model(x1, x2)
     z1.retain_grad()
-    simsiam_loss(p1, p2, z1, z2, stop_grad=False).backward()
+    simsiam_loss(p1, p2, z1, z2).backward()
     assert z1.grad is not None and float(z1.grad.abs().sum()) > 0
     # the encoder's gradient no longer comes only through the predictor (compare the test above)
     model = tiny(stop_grad=False)
     with torch.no_grad():
         model.predictor[3].weight.zero_()
     p1, p2, z1, z2 = model(x1, x2)
-    simsiam_loss(p1, p2, z1, z2, stop_grad=False).backward()
+    simsiam_loss(p1, p2, z1, z2).backward()
     assert float(model.projector[0].weight.grad.abs().sum()) > 0
 
 
@@ -163,7 +174,7 @@ def test_predictor_none_is_the_identity():
     assert isinstance(model.predictor, nn.Identity) and not list(model.predictor.parameters())
     p1, p2, z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert torch.equal(p1, z1) and torch.equal(p2, z2)
-    groups = main.build_optimizer(model, 0.1, 0.9, 5e-4, False).param_groups
+    groups = optim.sgd(model.param_groups(), 0.1, 0.9, 5e-4).param_groups
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
 
 
@@ -173,7 +184,7 @@ def test_fixed_predictor_stays_at_its_initialisation_and_out_of_the_optimizer():
     for a, b in zip(model.predictor.parameters(), trained.predictor.parameters()):
         assert torch.equal(a, b)  # the same random initialisation as a trained one
     before = {k: v.clone() for k, v in model.predictor.named_parameters()}
-    optimizer = main.build_optimizer(model, 0.5, 0.9, 5e-4, fix_pred_lr=False)
+    optimizer = optim.sgd(model.param_groups(fix_pred_lr=False), 0.5, 0.9, 5e-4)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g['params']}
     assert not any(id(p) in in_optimizer for p in model.predictor.parameters())
     backbone_before = model.backbone.conv1.weight.clone()
@@ -212,9 +223,12 @@ def test_cross_entropy_similarity_by_hand():
     d21 = math.log(2.0)  # uniform against uniform: the entropy of two classes
     got = simsiam_loss(p1, p2, z1, z2, similarity='xent')
     assert got.item() == pytest.approx(0.5 * d12 + 0.5 * d21, abs=1e-6)
-    z1.requires_grad_(True)
-    simsiam_loss(p1.requires_grad_(True), p2, z1, z2, similarity='xent').backward()
-    assert z1.grad is None  # z is stopped as with the cosine
+    # z is stopped as with the cosine: with the predictor's last layer zeroed, the projector gets no gradient
+    model = tiny()
+    with torch.no_grad():
+        model.predictor[3].weight.zero_()
+    simsiam_loss(*model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)), similarity='xent').backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.projector.parameters())
 
 
 def test_asymmetric_loss_is_its_one_term():
@@ -230,8 +244,8 @@ def test_a_switch_that_is_not_simsiams_is_in_the_run_name():
     assert main.run_name(main.parse_args(base)) == 'resnet18_folder_2048_200_512_800'
     assert main.run_name(main.parse_args(base + ['--stop_grad', 'off', '--loss', 'xent'])) == \
         'resnet18_folder_2048_200_512_800_stop_grad-off_loss-xent'
-    assert main.run_name(main.parse_args(base + ['--predictor', 'fixed', '--fix_pred_lr'])) == \
-        'resnet18_folder_2048_200_512_800_predictor-fixed_fix_pred_lr'
+    assert main.run_name(main.parse_args(base + ['--mlp_bn', 'none', '--fix_pred_lr'])) == \
+        'resnet18_folder_2048_200_512_800_mlp_bn-none_fix_pred_lr'
     names = {main.run_name(main.parse_args(base + extra)) for extra in (
         [], ['--stop_grad', 'off'], ['--predictor', 'none'], ['--predictor', 'fixed'], ['--mlp_bn', 'none'],
         ['--mlp_bn', 'hidden'], ['--mlp_bn', 'all'], ['--loss', 'xent'], ['--symmetric', 'off'], ['--fix_pred_lr'])}

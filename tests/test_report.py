@@ -11,7 +11,7 @@ import linear
 import main
 import report
 from conftest import COLLAPSE, png_size, run_script
-from model import SimSiam
+from model import ModelConfig, SimSiam, count_model
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +38,7 @@ def test_the_table_has_a_row_per_run_with_the_numbers_of_its_csv(folder):
     assert sorted(rows) == ['no_predictor', 'no_stop_grad', 'simsiam', 'simsiam_linear']
     assert (folder / 'report.md').read_text() == r.stdout[:r.stdout.index('4 run(s)')]
     settings = vars(main.parse_args(COLLAPSE))
-    simsiam = main.count_model(SimSiam(**main.model_args(settings)), 4, torch.device('cpu'))
+    simsiam = count_model(SimSiam(ModelConfig.from_settings(settings)), 4, 32, torch.device('cpu'))
     for name in ('simsiam', 'no_stop_grad', 'no_predictor'):
         row, log = rows[name], pd.read_csv(folder / f'{name}_statistics.csv')
         assert row['Evaluation Protocol'] == 'KNN'

@@ -1,4 +1,5 @@
 """Interrupted runs: kill, resume, compare with an uninterrupted run; signals; non-finite loss."""
+import json
 import os
 import signal
 import subprocess
@@ -8,9 +9,11 @@ import time
 import pytest
 import torch
 
-import launch
+import errors
 import linear
 import main
+import report
+import signals
 from conftest import PIL, ROOT, TINY, csv_without, run_script, start, wait_for_file, wait_for_line
 
 def same_csv(a, b, wall_clock):
@@ -21,7 +24,7 @@ def same_csv(a, b, wall_clock):
 
 
 def weights(path):
-    return torch.load(path, weights_only=True)['state_dict']
+    return torch.load(path, weights_only=True)['model']
 
 
 @pytest.fixture
@@ -82,10 +85,10 @@ def test_batched_path_interrupted_and_resumed_is_the_same_run(folder_data, tmp_p
     def interrupted_in_epoch_2(model, batches, steps, optimizer, epoch, *rest, **kw):
         if epoch == 2:
             next(iter(batches))  # part of the epoch's data is drawn, then the signal arrives
-            raise launch._Signal(signal.SIGTERM)
+            raise signals.Signal(signal.SIGTERM)
         return real(model, batches, steps, optimizer, epoch, *rest, **kw)
     monkeypatch.setattr(main, 'train_epoch', interrupted_in_epoch_2)
-    with pytest.raises(launch.Interrupted, match='SIGTERM') as e:
+    with pytest.raises(errors.Interrupted, match='SIGTERM') as e:
         main.main(args(tmp_path / 'cut'))
     assert 'epochs 1-1 are saved' in e.value.saved
     monkeypatch.setattr(main, 'train_epoch', real)
@@ -103,12 +106,12 @@ def test_resume_refuses_a_different_run_but_allows_harmless_changes(folder_data,
                             '--num_workers', '0', '--name', 'run'])
     main.main(args)
     before = (tmp_path / 'run_state.pth').read_bytes()
-    with pytest.raises(main.UserError, match='already holds the state of a run'):
+    with pytest.raises(errors.UserError, match='already holds the state of a run'):
         main.main(args)  # a fresh start must not overwrite a run
     for flag, value in (('--batch_size', '4'), ('--arch', 'resnet34'), ('--feature_dim', '32'), ('--epochs', '2')):
         changed = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
                                    '--name', 'run', flag, value, '--resume', 'auto'])
-        with pytest.raises(main.UserError, match=f'differ from the saved run: {flag} '):
+        with pytest.raises(errors.UserError, match=f'differ from the saved run: {flag} '):
             main.main(changed)
     assert (tmp_path / 'run_state.pth').read_bytes() == before
     harmless = main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
@@ -128,12 +131,17 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(folder_data
         loss = real_loss(*a, **kw)
         return loss * float('nan') if len(calls) == 7 else loss
     monkeypatch.setattr(main, 'simsiam_loss', diverging)
-    with pytest.raises(main.UserError, match=r'the loss became nan at epoch 2, step 3; .* epoch 1 is kept'):
+    with pytest.raises(errors.UserError, match=r'the loss became nan at epoch 2, step 3; .* epoch 1 is kept'):
         main.main(args)
     assert len(calls) <= 8  # it stopped within the epoch
     state = torch.load(tmp_path / 'run_state.pth', weights_only=True)
     assert state['epoch'] == 1
     assert len((tmp_path / 'run_statistics.csv').read_text().splitlines()) == 2
+    # the record says why the run stopped, and the report tells it apart from a run in progress
+    record = json.loads((tmp_path / 'run_args.json').read_text())
+    assert record['stopped'] == 'the loss became nan at epoch 2, step 3'
+    rows = report.report(str(tmp_path))[1]
+    assert [row['Epoch Num'] for row in rows] == ['1 of 3 (stopped: the loss became nan at epoch 2, step 3)']
 
 
 def test_linear_sigkill_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):

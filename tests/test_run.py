@@ -8,9 +8,13 @@ import time
 import pytest
 import torch
 
+import distributed
+import errors
 import files
-import launch
+import optim
 import run
+import signals
+import speed
 
 
 # ----------------------------------------------------------------------------- files
@@ -42,27 +46,27 @@ def test_load_checkpoint_refuses_what_it_cannot_use(tmp_path):
     cases = {'missing.pth': 'does not exist', 'empty.pth': 'is empty', 'noise.pth': 'not a checkpoint',
              'table.csv': 'not a checkpoint', 'cut.pth': 'not a checkpoint', 'plain.pth': 'top-level keys: conv1'}
     for name, message in cases.items():
-        with pytest.raises(launch.UserError, match=message):
+        with pytest.raises(errors.UserError, match=message):
             files.load_checkpoint(str(tmp_path / name), ('simsiam_model',), '--model_path')
-    with pytest.raises(launch.UserError, match="a 'simsiam_model' file"):
+    with pytest.raises(errors.UserError, match="a 'simsiam_model' file"):
         files.load_checkpoint(str(good), ('simsiam_linear',), '--model_path')
 
 
 def test_resolve_device():
-    assert launch.resolve_device('cpu') == torch.device('cpu')
-    with pytest.raises(launch.UserError):
-        launch.resolve_device('gpu0')
+    assert distributed.resolve_device('cpu') == torch.device('cpu')
+    with pytest.raises(errors.UserError):
+        distributed.resolve_device('gpu0')
     if not torch.cuda.is_available():
-        with pytest.raises(launch.UserError, match='CUDA is not available'):
-            launch.resolve_device('cuda')
-        assert launch.resolve_device('auto') == torch.device('cpu')
+        with pytest.raises(errors.UserError, match='CUDA is not available'):
+            distributed.resolve_device('cuda')
+        assert distributed.resolve_device('auto') == torch.device('cpu')
 
 
 def test_a_signal_during_a_deferred_block_is_taken_after_it():
     finished = []
-    with pytest.raises(launch._Signal) as e:
-        with launch.signals_raise():
-            with launch.signals_deferred():
+    with pytest.raises(signals.Signal) as e:
+        with signals.raised():
+            with signals.deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)  # the handler has run by now; it only noted the signal
                 finished.append(True)
@@ -73,30 +77,30 @@ def test_a_signal_during_a_deferred_block_is_taken_after_it():
 # ----------------------------------------------------------------------------- schedule
 
 def test_cosine_lr():
-    assert run.cosine_lr(0.06, 0, 800) == pytest.approx(0.06)
-    assert run.cosine_lr(0.06, 400, 800) == pytest.approx(0.03)
-    assert run.cosine_lr(0.06, 200, 800) == pytest.approx(0.03 * (1 + math.sqrt(0.5)))
-    assert run.cosine_lr(0.06, 799, 800) < 1e-5
+    assert optim.cosine_lr(0.06, 0, 800) == pytest.approx(0.06)
+    assert optim.cosine_lr(0.06, 400, 800) == pytest.approx(0.03)
+    assert optim.cosine_lr(0.06, 200, 800) == pytest.approx(0.03 * (1 + math.sqrt(0.5)))
+    assert optim.cosine_lr(0.06, 799, 800) < 1e-5
 
 
 # ----------------------------------------------------------------------------- what the device decides
 
 def test_auto_speed_settings_follow_the_device_type():
-    cuda = launch.resolve_speed(torch.device('cuda', 0))  # a device object needs no GPU
+    cuda = speed.resolve_speed(torch.device('cuda', 0))  # a device object needs no GPU
     assert (cuda.aug, cuda.amp, cuda.channels_last, cuda.compile) == ('batched', True, True, False)
-    cpu = launch.resolve_speed(torch.device('cpu'))
+    cpu = speed.resolve_speed(torch.device('cpu'))
     assert (cpu.aug, cpu.amp, cpu.channels_last) == ('batched', False, False)
-    forced = launch.resolve_speed(torch.device('cpu'), 'pil', 'on', 'on', True)
+    forced = speed.resolve_speed(torch.device('cpu'), 'pil', 'on', 'on', True)
     assert (forced.aug, forced.amp, forced.channels_last, forced.compile) == ('pil', True, True, True)
 
 
 def test_sync_batchnorm_is_torchs_on_cuda_and_ours_on_the_cpu():
     import distributed
-    from model import SimSiam
+    from model import ModelConfig, SimSiam
 
     def kinds(device):
         torch.manual_seed(0)
-        model = distributed.sync_batchnorm(SimSiam('resnet18', 32, 8, 16), device)
+        model = distributed.sync_batchnorm(SimSiam(ModelConfig('resnet18', 32, 8, 16)), device)
         return {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     assert kinds(torch.device('cuda')) == {torch.nn.SyncBatchNorm}  # the conversion alone needs no GPU
     assert kinds(torch.device('cpu')) == {distributed.CPUSyncBatchNorm}
@@ -124,7 +128,7 @@ class FakeTraining:
 
     def epoch(self, epoch):
         if epoch == self.interrupt_at:
-            raise launch._Signal(signal.SIGTERM)
+            raise signals.Signal(signal.SIGTERM)
         self.weight += 1
         return {'epoch': epoch, 'train_loss': float(-epoch)}
 
@@ -132,29 +136,35 @@ class FakeTraining:
         return {'kind': 'fake_model', 'w': self.weight}, {'w': self.weight}
 
 
-def fake_run(out, background=True):
+def fake_run(out, epochs=5, save_every=1, resume=None):
     from distributed import SINGLE
-    settings = {'resume': None, 'epochs': 5}
-    return run.Run('main.py', settings, str(out), 'fake', {'csv': 'statistics.csv', 'model': 'model.pth',
-                   'state': 'state.pth', 'plot': 'statistics.png', 'record': 'args.json'}, 'fake_state',
-                   ['epoch', 'train_loss', 'save_time'], 1, SINGLE, background)
+    settings = {'resume': resume, 'epochs': epochs, 'save_every': save_every, 'results_dir': str(out)}
+    return run.Run('main.py', 'fake', settings, columns=['epoch', 'train_loss', 'save_time'], world=SINGLE,
+                   state_kind='fake_state')
+
+
+def loop(r, fake, describe=lambda row: None, until=None):
+    """A script's epoch loop, as main.py's: each epoch trained, then handed to the run."""
+    for epoch in range(r.done + 1, (until or r.settings['epochs']) + 1):
+        row = fake.epoch(epoch)
+        r.end_epoch(row, *fake.checkpoint())
+        describe(row)
 
 
 def saved(path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize('background', [True, False])
-def test_the_loop_writes_the_state_each_epoch_and_the_model_every_n_and_last(tmp_path, background):
+def test_the_run_writes_the_state_each_epoch_and_the_model_every_n_and_last(tmp_path, monkeypatch):
     fake, drawn, seen = FakeTraining(), [], []
+    monkeypatch.setattr(run.plot, 'plot_statistics', lambda df, path, title: drawn.append(len(df)))
 
     def describe(row):  # what is on disk when the epoch's line is printed
         model = tmp_path / 'fake_model.pth'
         seen.append(saved(model)['epoch'] if model.exists() else None)
-        return f'epoch {row["epoch"]}'
-    with fake_run(tmp_path, background) as r:
-        r.find_state()
-        r.loop(5, 2, fake.epoch, fake.checkpoint, lambda rows: drawn.append(len(rows)), describe)
+    with fake_run(tmp_path, save_every=2) as r:
+        r.start()
+        loop(r, fake, describe)
         r.finish('ok')
     state, model = saved(tmp_path / 'fake_state.pth'), saved(tmp_path / 'fake_model.pth')
     assert state['epoch'] == 5 and float(state['w'][0]) == 5 and len(state['rows']) == 5
@@ -168,17 +178,51 @@ def test_the_loop_writes_the_state_each_epoch_and_the_model_every_n_and_last(tmp
     assert sorted(os.listdir(tmp_path)) == ['fake_model.pth', 'fake_state.pth', 'fake_statistics.csv']
 
 
+def test_the_picture_shows_only_epochs_whose_set_is_on_disk(tmp_path, monkeypatch):
+    real, drawn = files.write_set, []
+
+    def failing_third(parts, journal):
+        if os.path.exists(tmp_path / 'fake_state.pth') and saved(tmp_path / 'fake_state.pth')['epoch'] == 2:
+            raise files.WriteFailed(parts[-1][0], OSError(28, 'No space left on device'))
+        real(parts, journal)
+    monkeypatch.setattr(files, 'write_set', failing_third)
+    monkeypatch.setattr(run.plot, 'plot_statistics', lambda df, path, title: drawn.append(df['epoch'].tolist()))
+    with pytest.raises(errors.UserError, match='holds epoch 2'):
+        with fake_run(tmp_path) as r:
+            r.painter = run.plot.Painter(every=0)  # every set's picture is drawn
+            r.start()
+            loop(r, FakeTraining())
+    assert drawn == [[1], [1, 2]]  # epoch 3's set failed: no picture shows it, as the CSV does not
+    import pandas as pd
+    assert pd.read_csv(tmp_path / 'fake_statistics.csv')['epoch'].tolist() == [1, 2]
+
+
 def test_an_interrupt_waits_for_the_write_and_brings_the_model_up_to_date(tmp_path):
     fake = FakeTraining(interrupt_at=4)
-    with pytest.raises(launch.Interrupted) as e:
-        with fake_run(tmp_path) as r:
-            r.find_state()
-            r.loop(5, 10, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+    with pytest.raises(errors.Interrupted) as e:
+        with fake_run(tmp_path, save_every=10) as r:
+            r.start()
+            loop(r, fake)
     assert e.value.saved == f'epochs 1-3 are saved in {tmp_path / "fake_state.pth"}'
     # --save_every 10 had not written the model yet; the interrupt wrote that of the last saved epoch
     assert saved(tmp_path / 'fake_model.pth')['epoch'] == 3 and float(saved(tmp_path / 'fake_model.pth')['w'][0]) == 3
     assert saved(tmp_path / 'fake_state.pth')['epoch'] == 3
     assert not os.path.exists(tmp_path / '.fake.lock')
+
+
+def test_a_model_file_brought_up_to_date_holds_the_epochs_weights_though_training_went_on(tmp_path):
+    # The set of epoch 3 did not write the model file; epoch 4 changes the weights in place before the
+    # interrupt: the model file written then is epoch 3's, from the state's copy.
+    class Midway(FakeTraining):
+        def epoch(self, epoch):
+            if epoch == 4:
+                self.weight += 100  # training moved on, in place
+            return super().epoch(epoch)
+    with pytest.raises(errors.Interrupted):
+        with fake_run(tmp_path, save_every=10) as r:
+            r.start()
+            loop(r, Midway(interrupt_at=4))
+    assert float(saved(tmp_path / 'fake_model.pth')['w'][0]) == 3
 
 
 def test_a_background_write_that_fails_stops_the_run_at_the_next_epoch(tmp_path, monkeypatch):
@@ -193,10 +237,10 @@ def test_a_background_write_that_fails_stops_the_run_at_the_next_epoch(tmp_path,
     fake, trained = FakeTraining(), []
     epoch = fake.epoch
     fake.epoch = lambda e: trained.append(e) or epoch(e)
-    with pytest.raises(launch.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         with fake_run(tmp_path) as r:
-            r.find_state()
-            r.loop(5, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+            r.start()
+            loop(r, fake)
     assert str(e.value) == (f"could not write '{tmp_path / 'fake_state.pth'}' (No space left on device "
                             f"[ENOSPC]); training stopped and {tmp_path / 'fake_state.pth'} holds epoch 1, the "
                             f"last complete one, as does the CSV")
@@ -204,7 +248,7 @@ def test_a_background_write_that_fails_stops_the_run_at_the_next_epoch(tmp_path,
     assert saved(tmp_path / 'fake_state.pth')['epoch'] == 1
 
 
-def test_a_signal_while_the_loop_waits_for_the_previous_set_is_taken_after_the_hand_over(tmp_path, monkeypatch):
+def test_a_signal_while_the_run_waits_for_the_previous_set_is_taken_after_the_hand_over(tmp_path, monkeypatch):
     real = files.write_set
 
     def slow(parts, journal):  # the signal comes while the loop, done with the next epoch, waits for this set
@@ -216,10 +260,10 @@ def test_a_signal_while_the_loop_waits_for_the_previous_set_is_taken_after_the_h
     fake, trained = FakeTraining(), []
     epoch = fake.epoch
     fake.epoch = lambda e: trained.append(e) or epoch(e)
-    with launch.signals_raise(), pytest.raises(launch.Interrupted) as e:
+    with signals.raised(), pytest.raises(errors.Interrupted) as e:
         with fake_run(tmp_path) as r:
-            r.find_state()
-            r.loop(5, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+            r.start()
+            loop(r, fake)
     assert trained == [1, 2] and e.value.signum == signal.SIGTERM
     assert e.value.saved == f'epochs 1-2 are saved in {tmp_path / "fake_state.pth"}'
     assert saved(tmp_path / 'fake_state.pth')['epoch'] == 2
@@ -233,37 +277,49 @@ def test_a_failed_write_is_told_when_an_interrupt_comes_first(tmp_path, monkeypa
             raise files.WriteFailed(parts[-1][0], OSError(28, 'No space left on device'))
         real(parts, journal)
     monkeypatch.setattr(files, 'write_set', failing_second)
-    with pytest.raises(launch.Interrupted) as e:
+    with pytest.raises(errors.Interrupted) as e:
         with fake_run(tmp_path) as r:
-            r.find_state()
-            r.loop(5, 1, FakeTraining(interrupt_at=3).epoch, FakeTraining().checkpoint, lambda rows: None,
-                   lambda row: '')
+            r.start()
+            loop(r, FakeTraining(interrupt_at=3))
     assert e.value.saved == (f"could not write '{tmp_path / 'fake_state.pth'}' (No space left on device [ENOSPC]); "
                              f"{tmp_path / 'fake_state.pth'} holds epoch 1, the last complete one, as does the CSV")
 
 
 def test_a_signal_after_the_last_epoch_is_an_interrupt_with_the_run_saved(tmp_path):
-    fake = FakeTraining()
-    with pytest.raises(launch.Interrupted) as e:
-        with fake_run(tmp_path) as r:
-            r.find_state()
-            r.loop(3, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
-            raise launch._Signal(signal.SIGINT)  # while the last pictures are drawn, say
+    with pytest.raises(errors.Interrupted) as e:
+        with fake_run(tmp_path, epochs=3) as r:
+            r.start()
+            loop(r, FakeTraining())
+            raise signals.Signal(signal.SIGINT)  # while the last pictures are drawn, say
     assert e.value.saved == f'epochs 1-3 are saved in {tmp_path / "fake_state.pth"}'
+
+
+def test_a_non_finite_loss_ends_the_run_with_what_is_kept_and_the_record_says_why(tmp_path):
+    with pytest.raises(errors.JobError) as e:
+        with fake_run(tmp_path) as r:
+            r.start()
+            r.write_record(torch.device('cpu'), {})
+            loop(r, FakeTraining(), lambda row: None)
+            raise errors.NonFiniteLoss(6, 2, float('nan'))
+    assert str(e.value) == (f'the loss became nan at epoch 6, step 2; training stopped and the state of epoch 5 is '
+                            f'kept in {tmp_path / "fake_state.pth"} (try a lower --lr)')
+    import json
+    record = json.loads((tmp_path / 'fake_args.json').read_text())
+    assert record['stopped'] == 'the loss became nan at epoch 6, step 2'
 
 
 def test_a_run_resumed_from_another_folder_has_nothing_saved_in_its_own(tmp_path):
     fake, optimizer = FakeTraining(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
-    checkpoint = lambda: (fake.checkpoint()[0], {'optimizer': optimizer.state_dict()})
+    fake.checkpoint = lambda: ({'kind': 'fake_model', 'w': fake.weight}, {'optimizer': optimizer.state_dict()})
     with fake_run(tmp_path / 'a') as r:
-        r.find_state()
-        r.loop(2, 1, fake.epoch, checkpoint, lambda rows: None, lambda row: '')
-    with pytest.raises(launch.Interrupted) as e:
-        with fake_run(tmp_path / 'b') as r:
-            r.settings['resume'] = str(tmp_path / 'a' / 'fake_state.pth')
-            r.restore(r.find_state(), {}, optimizer, 'x', 5)
+        r.start()
+        loop(r, fake, until=2)
+    with pytest.raises(errors.Interrupted) as e:
+        with fake_run(tmp_path / 'b', resume=str(tmp_path / 'a' / 'fake_state.pth')) as r:
+            r.restore(r.start(), {'optimizer': optimizer}, 'x')
             assert r.done == 2
-            r.loop(5, 1, FakeTraining(interrupt_at=3).epoch, checkpoint, lambda rows: None, lambda row: '')
+            fake.interrupt_at = 3
+            loop(r, fake)
     assert e.value.saved == 'no epoch had completed'  # not 'epochs 1-2 are saved in b/...': nothing is there
 
 
@@ -278,10 +334,9 @@ def test_a_picture_that_fails_any_way_is_one_warning(tmp_path):
 
 
 def test_save_time_is_the_wait_and_the_snapshot(tmp_path):
-    fake = FakeTraining()
-    with fake_run(tmp_path) as r:
-        r.find_state()
-        r.loop(3, 1, fake.epoch, fake.checkpoint, lambda rows: None, lambda row: '')
+    with fake_run(tmp_path, epochs=3) as r:
+        r.start()
+        loop(r, FakeTraining())
         r.finish('ok')
     rows = saved(tmp_path / 'fake_state.pth')['rows']
     assert [row['epoch'] for row in rows] == [1, 2, 3]

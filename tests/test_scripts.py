@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+import errors
 import linear
 import main
 from conftest import TINY, csv_without, run_script, write_cifar10, write_folder
@@ -46,7 +47,7 @@ def test_folder_end_to_end(folder_data, tmp_path):
     assert head['head']['weight'].shape == (4, 512)
     # the backbone saved with the head is the pretrained one, unchanged
     for key, value in head['backbone'].items():
-        assert torch.equal(value, ckpt['state_dict']['backbone.' + key]), key
+        assert torch.equal(value, ckpt['model']['backbone.' + key]), key
 
 
 def test_cifar10_code_path(tmp_path, cifar_files_ok, capsys):
@@ -94,11 +95,11 @@ def test_linear_refuses_a_checkpoint_that_does_not_fit(folder_data, tmp_path):
     ckpt = torch.load(tmp_path / 'run_model.pth', weights_only=True)
     ckpt['model_args']['arch'] = 'resnet34'  # the weights are a resnet18's
     torch.save(ckpt, tmp_path / 'wrong_model.pth')
-    torch.save(ckpt['state_dict'], tmp_path / 'plain_model.pth')
+    torch.save(ckpt['model'], tmp_path / 'plain_model.pth')
     for path, message in (('wrong_model.pth', 'does not fit a resnet34 backbone: missing'),
                           ('plain_model.pth', 'not a file written by main.py'),
                           ('run_statistics.csv', 'not a checkpoint')):
-        with pytest.raises(main.UserError, match=message):
+        with pytest.raises(errors.UserError, match=message):
             linear.main(linear.parse_args(['--model_path', str(tmp_path / path), '--results_dir', str(tmp_path),
                                            '--device', 'cpu']))
     assert not any('linear' in f for f in os.listdir(tmp_path))
@@ -133,4 +134,19 @@ def test_linear_evaluates_a_run_in_progress_from_its_state(finished, tmp_path):
     saved = torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)  # named after <name>_state.pth
     for key, value in saved['backbone'].items():
         assert torch.equal(value, state['model']['backbone.' + key]), key
+    assert len(pd.read_csv(tmp_path / 'run_linear_statistics.csv')) == 1
+
+
+def test_linear_evaluates_a_model_file_of_the_earlier_layout(finished, tmp_path):
+    # model files written before the model file and the state shared one layout held the weights under
+    # 'state_dict'
+    model = torch.load(finished / 'run_model.pth', weights_only=True)
+    old = {('state_dict' if k == 'model' else k): v for k, v in model.items()}
+    assert 'model' not in old
+    torch.save(old, tmp_path / 'run_model.pth')
+    linear.main(linear.parse_args(['--model_path', str(tmp_path / 'run_model.pth'), '--results_dir', str(tmp_path),
+                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+    saved = torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)
+    for key, value in saved['backbone'].items():
+        assert torch.equal(value, model['model']['backbone.' + key]), key
     assert len(pd.read_csv(tmp_path / 'run_linear_statistics.csv')) == 1
