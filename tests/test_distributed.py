@@ -176,8 +176,8 @@ def test_a_killed_rank_ends_the_job_and_the_resumed_run_is_the_same_run(uninterr
 # ----------------------------------------------------------------------------- two nodes on one machine
 
 def readme_multinode_command(port):
-    """README.md's multi-node torchrun command, for one process per node on this machine."""
-    with open(os.path.join(ROOT, 'README.md')) as f:
+    """The multi-node torchrun command of docs/distributed.md, for one process per node on this machine."""
+    with open(os.path.join(ROOT, 'docs', 'distributed.md')) as f:
         line = next(line.split() for line in f if line.strip().startswith('torchrun --nnodes=2'))
     launcher = line[1:line.index('main.py')]
     assert '--nproc_per_node=8' in launcher and '--rdzv_endpoint=HOST:PORT' in launcher, line
