@@ -10,6 +10,7 @@ and the median is reported, so a machine that slows down for a while slows every
 import collections
 import contextlib
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -31,7 +32,7 @@ from errors import UserError
 from model import ARCHS, ModelConfig, SimSiam, simsiam_loss
 from pretrain import train_epoch
 from run import Run
-from speed import Speed, resolve_speed
+from speed import Speed, bf16_pays, cpu_capability, resolve_speed
 
 
 def parse_args(argv=None):
@@ -49,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument('--num_workers', type=cli.non_negative_int, default=distributed.available_cpus(),
                    help='DataLoader workers of the PIL path')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
-    p.add_argument('--configs', default='seed,fast,fast+channels_last,fast+compile',
-                   help='training configurations to time (seed, fast, and fast+<change>, where <change> '
+    p.add_argument('--configs', default='seed,fp32,fast,fast+channels_last,fast+compile',
+                   help='training configurations to time (seed, fp32, fast, and fast+<change>, where <change> '
                         'is channels_last, no_channels_last, amp, no_amp, compile or pil)')
     p.add_argument('--parts', default='aug,train,knn,fixed,phases',
                    help='what to measure: aug (augmentation), train (training configurations), knn, fixed (the '
@@ -59,6 +60,16 @@ def parse_args(argv=None):
     p.add_argument('--rows', type=cli.positive_int, default=800,
                    help='CSV rows (epochs) of the run whose fixed costs are measured')
     return p.parse_args(argv)
+
+
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def random_images(n, seed=0):
@@ -140,10 +151,13 @@ def pil_loader(dataset, n, workers):
 # ----------------------------------------------------------------------------- training
 
 def config_speed(name, device):
-    """The Speed of a named configuration: 'seed' (PIL, fp32, contiguous), 'fast' (the defaults for this
+    """The Speed of a named configuration: 'seed' (PIL, fp32, contiguous), 'fp32' (batched, fp32,
+    contiguous: the CPU defaults before bf16 was chosen on CPUs with AMX), 'fast' (the defaults for this
     device), or 'fast+<change>'."""
     if name == 'seed':
         return Speed(device, 'pil', amp=False, channels_last=False, compile=False)
+    if name == 'fp32':
+        return Speed(device, 'batched', amp=False, channels_last=False, compile=False)
     if name.split('+')[0] != 'fast':
         raise UserError(f'--configs: {name!r} is neither seed nor fast+...')
     defaults = resolve_speed(device)
@@ -156,6 +170,7 @@ def config_speed(name, device):
             setattr(defaults, change[3:], False)
         else:
             raise UserError(f'--configs: unknown change {change!r}')
+        defaults.why = ''  # no longer what auto chose
     return defaults
 
 
@@ -181,12 +196,14 @@ def bench_training(args, device):
             sync(device)
         return run
 
-    peaks = {}
+    peaks, first = {}, {}
     times = {name: [] for name in runs}
     for name in runs:  # warm-up (compilation, cuDNN autotuning), and each configuration's peak memory
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         epoch(name)()
+        first[name] = time.perf_counter() - start
         peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
     for _ in range(args.repeats):
         for name in runs:
@@ -200,11 +217,11 @@ def bench_training(args, device):
         t = statistics.median(t)
         speed = runs[name][3]
         rows.append([name, str(speed), f'{steps / t:.2f}', f'{steps * args.batch_size / t:.1f}',
-                     f'{t:.2f}', '-' if peaks[name] is None else f'{peaks[name]:.2f}',
+                     f'{t:.2f}', f'{first[name]:.1f}', '-' if peaks[name] is None else f'{peaks[name]:.2f}',
                      '-' if base is None else f'{base / t:.2f}'])
     table(f'training epochs of {n} images, {args.arch}, batch {args.batch_size}, {device} '
-          f'({torch.get_num_threads()} threads)',
-          ['config', 'settings', 'steps/s', 'images/s', 'epoch s', 'peak GiB', 'x seed'], rows)
+          f'({torch.get_num_threads()} threads); first epoch: with compilation and warm-up',
+          ['config', 'settings', 'steps/s', 'images/s', 'epoch s', 'first s', 'peak GiB', 'x seed'], rows)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -377,6 +394,9 @@ def main(args):
     print(f'torch {torch.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else '')
           + f', {distributed.available_cpus()} CPUs, {torch.get_num_threads()} torch threads', flush=True)
+    fast, why = bf16_pays(torch.device('cpu'))
+    print(f'CPU: {cpu_name()}, capability {cpu_capability()}; the CPU default is '
+          f'{"bf16" if fast else "float32"} ({why})', flush=True)
     parts = set(args.parts.split(','))
     unknown = parts - {'aug', 'train', 'knn', 'fixed', 'phases'}
     if unknown:
@@ -393,6 +413,9 @@ def main(args):
         print(f'  batched / PIL augmentation, CPU, one thread: {aug_ratio:.1f}x')
     if 'seed' in times and 'fast' in times:
         print(f'  fast / seed-equivalent training throughput: {times["seed"] / times["fast"]:.2f}x')
+    if 'fp32' in times and 'fast' in times:
+        print(f'  fast / fp32 contiguous training throughput: {times["fp32"] / times["fast"]:.2f}x '
+              f'(fast: {resolve_speed(device)})')
     if fixed is not None:
         print(f'  blocking per epoch, blocking / background saving and plotting: {fixed[0]:.2f} s / '
               f'{fixed[1]:.3f} s = {fixed[0] / fixed[1]:.0f}x')

@@ -91,10 +91,11 @@ def add_run_flags(p, state, datasets, batch_size, epochs, dataset, data_root, he
                    help="'batched': augment whole batches on the device; 'pil': per-image PIL transforms in "
                         "DataLoader workers (the reference path); auto = batched (the faster on both CPU and GPU)")
     p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
-                   help='bf16 autocast for the forward pass; auto = on for CUDA, off on a CPU')
+                   help='bf16 autocast for the forward pass; auto = on for CUDA and for a CPU with AMX or '
+                        'AVX512-BF16 (about 2x faster there), off on other CPUs (bf16 emulated, 22x slower)')
     p.add_argument('--channels_last', default='auto', choices=('auto', 'on', 'off'),
-                   help='NHWC memory layout for the convolutions; auto = on for CUDA (the layout of '
-                        "cuDNN's bf16 kernels), off on a CPU (-3%% to +11%% over four runs here: no steady gain)")
+                   help='NHWC memory layout for the convolutions; auto = on where --amp auto picks bf16 (the '
+                        "layout of cuDNN's and oneDNN's bf16 kernels), off on other CPUs")
     p.add_argument('--compile', action='store_true', help='wrap the model in torch.compile')
     p.add_argument('--resume', default=None,
                    help=f"continue from a training state: its path, or 'auto' for {state} in --results_dir "

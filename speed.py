@@ -15,6 +15,7 @@ class Speed:
     amp: bool
     channels_last: bool
     compile: bool
+    why: str = ''  # why the settings left to 'auto' were chosen ('' when none was)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -39,12 +40,54 @@ class Speed:
 
     def __str__(self):
         return (f'aug {self.aug}, amp {"bf16" if self.amp else "off"}, channels_last '
-                f'{"on" if self.channels_last else "off"}, compile {"on" if self.compile else "off"}')
+                f'{"on" if self.channels_last else "off"}, compile {"on" if self.compile else "off"}'
+                + (f' (auto: {self.why})' if self.why else ''))
+
+
+def cpu_has_amx():
+    """Whether this CPU multiplies bf16 matrices in AMX tiles, as torch reports it (a function of its own so
+    that the tests can patch it both ways)."""
+    check = getattr(torch.cpu, '_is_amx_tile_supported', None)
+    return bool(check and check())
+
+
+def cpu_has_avx512_bf16():
+    """Whether this CPU has AVX-512 BF16 dot products and torch's kernels use AVX-512 here (patched by the
+    tests like cpu_has_amx)."""
+    check = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+    return bool(check and check()) and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+
+
+def cpu_capability():
+    """The CPU's vector capability as torch names it (AVX2, AVX512, ...), with its bf16 instructions."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f'{capability} + AMX' if cpu_has_amx() else
+            f'{capability} + AVX512-BF16' if cpu_has_avx512_bf16() else capability)
+
+
+def bf16_pays(device):
+    """(whether bf16 autocast and channels_last are the faster default on `device`, why). They are on CUDA,
+    and on a CPU with bf16 matrix instructions: AMX (a ResNet-18 SimSiam step 2.5x faster than float32) or
+    AVX-512 BF16 (1.9-2.0x on an AMD EPYC, docs/speed.md). On other CPUs oneDNN emulates bf16, 22x slower than
+    float32 on AVX2, so float32 and the contiguous layout stay."""
+    if device.type == 'cuda':
+        return True, 'CUDA'
+    if device.type != 'cpu':
+        return False, device.type
+    if cpu_has_amx():
+        return True, 'CPU with AMX'
+    if cpu_has_avx512_bf16():
+        return True, 'CPU with AVX512-BF16'
+    return False, f'{torch.backends.cpu.get_cpu_capability()} CPU without bf16 instructions'
 
 
 def resolve_speed(device, aug='auto', amp='auto', channels_last='auto', compile=False):
-    """The Speed the flags ask for on `device`: 'auto' picks batched augmentation, and bf16 autocast and
-    channels_last on CUDA only (bf16 is slower by an order of magnitude on CPUs without AVX-512 BF16 or AMX)."""
-    cuda = device.type == 'cuda'
-    pick = lambda value, auto: auto if value == 'auto' else value == 'on'
-    return Speed(device, 'batched' if aug == 'auto' else aug, pick(amp, cuda), pick(channels_last, cuda), compile)
+    """The Speed the flags ask for on `device`. 'auto' picks batched augmentation, and bf16 autocast and
+    channels_last where they pay (bf16_pays); the reason goes into the Speed."""
+    fast, why = bf16_pays(device)
+
+    def pick(value):
+        return fast if value == 'auto' else value == 'on'
+    chosen = Speed(device, 'batched' if aug == 'auto' else aug, pick(amp), pick(channels_last), compile)
+    chosen.why = why if 'auto' in (amp, channels_last) else ''
+    return chosen

@@ -79,9 +79,12 @@ def write_cifar10(root, n_train, n_test, seed=0):
     return str(root)
 
 
+# The speed settings that tests comparing numbers pin: 'auto' picks bf16 on a CPU with AMX and float32 on
+# others, and the suite must give the same numbers on both kinds.
+FP32 = ['--amp', 'off', '--channels_last', 'off']
 # The settings of most end-to-end runs: the smallest model the scripts offer, 4 steps per epoch.
 TINY = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64',
-        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--num_workers', '0', '--dataset', 'folder']
+        '--batch_size', '8', '--k', '5', '--device', 'cpu', '--num_workers', '0', '--dataset', 'folder', *FP32]
 
 
 @pytest.fixture(scope='session')
@@ -112,7 +115,8 @@ def finished(folder_data, tmp_path_factory):
     main.main(main.parse_args([*TINY, '--data_root', folder_data, '--results_dir', str(out), '--epochs', '2',
                                '--name', 'run']))
     linear.main(linear.parse_args(['--model_path', str(out / 'run_model.pth'), '--results_dir', str(out),
-                                   '--epochs', '2', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+                                   '--epochs', '2', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0',
+                                   *FP32]))
     return out
 
 
@@ -187,7 +191,7 @@ def wait_for_file(path, timeout=120):
 # README.md ("Reproducing the paper").
 COLLAPSE = ['--arch', 'resnet18', '--feature_dim', '256', '--pred_dim', '64', '--proj_hidden_dim', '256',
             '--batch_size', '16', '--lr', '10', '--mlp_bn', 'hidden', '--epochs', '6', '--knn_every', '6',
-            '--k', '5', '--num_workers', '0', '--device', 'cpu', '--dataset', 'folder', '--seed', '0']
+            '--k', '5', '--num_workers', '0', '--device', 'cpu', '--dataset', 'folder', '--seed', '0', *FP32]
 COLLAPSE_RUNS = {'simsiam': [], 'no_stop_grad': ['--stop_grad', 'off'], 'no_predictor': ['--predictor', 'none']}
 
 

@@ -15,7 +15,7 @@ import distributed
 import files
 import linear
 import main
-from conftest import ROOT, TINY, csv_without
+from conftest import FP32, ROOT, TINY, csv_without
 from dist_checks import check
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
@@ -96,7 +96,7 @@ def test_two_process_pretraining_repeats_itself_and_rank_0_writes(uninterrupted,
 
 def linear_evaluation(uninterrupted, out):
     return ['--model_path', uninterrupted / 'job_model.pth', '--results_dir', out, '--epochs', '2', '--batch_size',
-            '8', '--device', 'cpu', '--num_workers', '0']
+            '8', '--device', 'cpu', '--num_workers', '0', *FP32]
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,7 @@ import files
 import linear
 import main
 import utils
-from conftest import PIL, ROOT, TINY, csv_without, start, wait_for_line, write_cifar10
+from conftest import FP32, PIL, ROOT, TINY, csv_without, start, wait_for_line, write_cifar10
 
 
 def temporaries(folder):
@@ -47,7 +47,7 @@ def test_linear_refuses_a_name_in_use_and_a_pretraining_run_does_not_block_it(fi
     holder = files.RunLock(str(tmp_path / '.run_linear.lock'), 'x').acquire()
     try:
         argv = ['--model_path', str(finished / 'run_model.pth'), '--results_dir', str(tmp_path), '--epochs', '1',
-                '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']
+                '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', *FP32]
         with pytest.raises(errors.UserError, match=rf'is in use by another run \(pid {os.getpid()} on host '):
             linear.main(linear.parse_args(argv))
         assert os.listdir(tmp_path) == ['.run_linear.lock']

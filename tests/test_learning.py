@@ -12,14 +12,18 @@ On this 2-core CPU a few minutes give some 20-400 SGD steps, and over that many 
 SimSiam on these shapes stayed within the noise of the random encoder's (the figures are in README.md).
 """
 import pandas as pd
+import pytest
+import torch
 
 import main
 import monitor
+import speed
+from conftest import FP32
 
 
 ARGS = ['--arch', 'resnet18', '--feature_dim', '256', '--pred_dim', '64', '--proj_hidden_dim', '256',
         '--batch_size', '16', '--lr', '2.0', '--epochs', '5', '--knn_every', '5', '--k', '5',
-        '--num_workers', '0', '--device', 'cpu', '--dataset', 'folder', '--seed', '0']
+        '--num_workers', '0', *FP32, '--device', 'cpu', '--dataset', 'folder', '--seed', '0']
 
 
 def pretrain(root, out, name, *extra, args=ARGS):
@@ -27,8 +31,12 @@ def pretrain(root, out, name, *extra, args=ARGS):
     return pd.read_csv(out / f'{name}_statistics.csv')
 
 
-def test_stop_gradient_training_learns_without_collapse(shapes64, tmp_path):
-    healthy = pretrain(shapes64, tmp_path, 'healthy')
+@pytest.fixture(scope='module')
+def healthy(shapes64, tmp_path_factory):
+    return pretrain(shapes64, tmp_path_factory.mktemp('healthy'), 'healthy')
+
+
+def test_stop_gradient_training_learns_without_collapse(shapes64, healthy, tmp_path):
     broken = pretrain(shapes64, tmp_path, 'broken', '--stop_grad', 'off')
     # Measured with seeds 0, 1, 2: the healthy loss fell by 0.09-0.11 to -0.11..-0.12, z_std_ratio stayed
     # at 1.02; without the stop-gradient the loss reached -0.28..-0.36 over the same steps.
@@ -36,6 +44,18 @@ def test_stop_gradient_training_learns_without_collapse(shapes64, tmp_path):
     assert loss.iloc[-1] < loss.iloc[0] - 0.05
     assert healthy['z_std_ratio'].min() > 0.9
     assert broken['train_loss'].iloc[-1] < loss.iloc[-1] - 0.08
+
+
+@pytest.mark.skipif(not speed.bf16_pays(torch.device('cpu'))[0],
+                    reason='this CPU has no bf16 instructions: bf16 is emulated, 22x slower than float32, and not '
+                           'its default')
+def test_bf16_training_on_a_cpu_learns_like_float32(shapes64, healthy, tmp_path):
+    bf16 = pretrain(shapes64, tmp_path, 'bf16', '--amp', 'on', '--channels_last', 'on')
+    # the tolerances of the float32 run above, on the same data and seed
+    loss = bf16['train_loss']
+    assert loss.iloc[-1] < loss.iloc[0] - 0.05, loss.tolist()
+    assert bf16['z_std_ratio'].min() > 0.9
+    assert abs(loss.iloc[-1] - healthy['train_loss'].iloc[-1]) < 0.05, (loss.tolist(), healthy['train_loss'].tolist())
 
 
 def test_without_stop_gradient_or_predictor_the_outputs_collapse_and_simsiam_does_not(collapse_runs):

@@ -16,7 +16,7 @@ import linear
 import probe
 import signals
 import utils
-from conftest import csv_without
+from conftest import FP32, csv_without
 from probe import Probe, ProbeGrid
 
 CLASSES = 4
@@ -109,7 +109,7 @@ GRID = ['0.5', '5', '30']
 
 def evaluate(finished, out, *extra, lr=','.join(GRID)):
     linear.main(linear.parse_args(['--model_path', str(finished / 'run_model.pth'), '--results_dir', str(out),
-                                   '--epochs', '3', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0',
+                                   '--epochs', '3', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', *FP32,
                                    '--val_split', '0.25', '--lr', lr, *extra]))
     return pd.read_csv(out / 'run_linear_statistics.csv')
 
@@ -245,7 +245,7 @@ def test_resuming_an_evaluation_of_a_pretraining_that_moved_on_is_refused(finish
     model = torch.load(finished / 'run_model.pth', weights_only=True)
     torch.save({**model, 'epoch': 1}, tmp_path / 'run_model.pth')  # a run in progress, evaluated at epoch 1
     args = ['--model_path', str(tmp_path / 'run_model.pth'), '--results_dir', str(tmp_path / 'out'), '--epochs', '1',
-            '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', '--lr', '1']
+            '--batch_size', '8', '--device', 'cpu', '--num_workers', '0', *FP32, '--lr', '1']
     linear.main(linear.parse_args(args))
     torch.save({**model, 'epoch': 2}, tmp_path / 'run_model.pth')  # the pretraining went on
     before = sorted(os.listdir(tmp_path / 'out'))

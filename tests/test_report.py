@@ -10,7 +10,7 @@ import torch
 import linear
 import main
 import report
-from conftest import COLLAPSE, png_size, run_script
+from conftest import COLLAPSE, FP32, png_size, run_script
 from model import ModelConfig, SimSiam, count_model
 
 
@@ -21,7 +21,8 @@ def folder(collapse_runs, tmp_path_factory):
     for f in collapse_runs[0].iterdir():
         shutil.copy(f, out / f.name)
     linear.main(linear.parse_args(['--model_path', str(out / 'simsiam_model.pth'), '--results_dir', str(out),
-                                   '--epochs', '1', '--batch_size', '16', '--device', 'cpu', '--num_workers', '0']))
+                                   '--epochs', '1', '--batch_size', '16', '--device', 'cpu', '--num_workers', '0',
+                                   *FP32]))
     return out
 
 

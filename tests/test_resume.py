@@ -14,7 +14,7 @@ import linear
 import main
 import report
 import signals
-from conftest import PIL, ROOT, TINY, csv_without, run_script, start, wait_for_file, wait_for_line
+from conftest import FP32, PIL, ROOT, TINY, csv_without, run_script, start, wait_for_file, wait_for_line
 
 def same_csv(a, b, wall_clock):
     """Digit for digit the same in every column but the wall-clock ones (which no two runs share)."""
@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_state(folder_data
 
 def test_linear_sigkill_then_resume_is_the_same_run(folder_data, uninterrupted, tmp_path):
     model = uninterrupted / 'run_model.pth'
-    base = ['--model_path', model, '--epochs', 3, '--batch_size', 8, '--device', 'cpu', '--num_workers', 2]
+    base = ['--model_path', model, '--epochs', 3, '--batch_size', 8, '--device', 'cpu', '--num_workers', 2, *FP32]
     r = run_script('linear.py', *base, '--results_dir', tmp_path / 'whole')
     assert r.returncode == 0, r.stderr
     proc = start('linear.py', [*base, '--results_dir', tmp_path / 'cut'])

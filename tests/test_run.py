@@ -85,13 +85,56 @@ def test_cosine_lr():
 
 # ----------------------------------------------------------------------------- what the device decides
 
-def test_auto_speed_settings_follow_the_device_type():
+CPU_KINDS = {'amx': (True, False, 'CPU with AMX'), 'avx512_bf16': (False, True, 'CPU with AVX512-BF16'),
+             'neither': (False, False, 'CPU without bf16 instructions')}
+
+
+def cpu_kind(monkeypatch, kind):
+    amx, avx512_bf16, why = CPU_KINDS[kind]
+    monkeypatch.setattr(speed, 'cpu_has_amx', lambda: amx)
+    monkeypatch.setattr(speed, 'cpu_has_avx512_bf16', lambda: avx512_bf16)
+    return why
+
+
+@pytest.mark.parametrize('kind', list(CPU_KINDS))
+def test_auto_speed_settings_follow_the_device_type(kind, monkeypatch):
+    why = cpu_kind(monkeypatch, kind)
+    fast = kind != 'neither'
     cuda = speed.resolve_speed(torch.device('cuda', 0))  # a device object needs no GPU
     assert (cuda.aug, cuda.amp, cuda.channels_last, cuda.compile) == ('batched', True, True, False)
+    assert str(cuda) == 'aug batched, amp bf16, channels_last on, compile off (auto: CUDA)'  # whatever the CPU
     cpu = speed.resolve_speed(torch.device('cpu'))
-    assert (cpu.aug, cpu.amp, cpu.channels_last) == ('batched', False, False)
+    # bf16 and channels_last on a CPU with bf16 matrix instructions, where they pay; float32 on one without
+    assert (cpu.aug, cpu.amp, cpu.channels_last, cpu.compile) == ('batched', fast, fast, False)
+    settings = 'amp bf16, channels_last on' if fast else 'amp off, channels_last off'
+    assert str(cpu) == f'aug batched, {settings}, compile off (auto: ' + \
+        ('' if fast else torch.backends.cpu.get_cpu_capability() + ' ') + f'{why})'
     forced = speed.resolve_speed(torch.device('cpu'), 'pil', 'on', 'on', True)
     assert (forced.aug, forced.amp, forced.channels_last, forced.compile) == ('pil', True, True, True)
+    assert str(forced) == 'aug pil, amp bf16, channels_last on, compile on'  # nothing left to auto, no reason
+    off = speed.resolve_speed(torch.device('cpu'), 'auto', 'off', 'off')
+    assert (off.amp, off.channels_last, off.why) == (False, False, '')
+    half = speed.resolve_speed(torch.device('cpu'), 'auto', 'auto', 'off')  # one left to auto: it follows the CPU
+    assert (half.amp, half.channels_last) == (fast, False) and half.why.endswith(why)
+
+
+def test_the_scripts_say_and_record_what_auto_chose_on_a_cpu_with_amx(folder_data, tmp_path, monkeypatch, capsys):
+    import json
+    import main
+    from conftest import FP32, TINY
+    cpu_kind(monkeypatch, 'amx')
+    assert TINY[-len(FP32):] == FP32
+    args = TINY[:-len(FP32)]  # the speed flags left to auto
+    main.main(main.parse_args([*args, '--data_root', folder_data, '--results_dir', str(tmp_path), '--epochs', '1',
+                               '--name', 'amx']))
+    line = 'aug batched, amp bf16, channels_last on, compile off (auto: CPU with AMX)'
+    assert f'speed: {line}' in capsys.readouterr().out
+    assert json.loads((tmp_path / 'amx_args.json').read_text())['speed'] == line
+    import linear  # the frozen forward follows the same choice
+    linear.main(linear.parse_args(['--model_path', str(tmp_path / 'amx_model.pth'), '--results_dir', str(tmp_path),
+                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+    assert f'speed: {line}' in capsys.readouterr().out
+    assert json.loads((tmp_path / 'amx_linear_args.json').read_text())['speed'] == line
 
 
 def test_sync_batchnorm_is_torchs_on_cuda_and_ours_on_the_cpu():

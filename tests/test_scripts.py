@@ -9,7 +9,7 @@ import torch
 import errors
 import linear
 import main
-from conftest import TINY, csv_without, run_script, write_cifar10, write_folder
+from conftest import FP32, TINY, csv_without, run_script, write_cifar10, write_folder
 
 PRETRAIN_COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5']
 LINEAR_COLUMNS = ['epoch', 'train_loss', 'train_acc@1', 'train_acc@5', 'test_loss', 'test_acc@1', 'test_acc@5']
@@ -36,7 +36,8 @@ def test_folder_end_to_end(folder_data, tmp_path):
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
 
     r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
-                   '--epochs', '2', '--batch_size', '16', '--num_workers', '2', '--device', 'cpu', '--aug', 'pil')
+                   '--epochs', '2', '--batch_size', '16', '--num_workers', '2', '--device', 'cpu', '--aug', 'pil',
+                   *FP32)
     assert r.returncode == 0, r.stderr
     stats = pd.read_csv(out / f'{name}_linear_statistics.csv')
     assert list(stats.columns[:7]) == LINEAR_COLUMNS and stats['epoch'].tolist() == [1, 2]
@@ -60,7 +61,7 @@ def test_cifar10_code_path(tmp_path, cifar_files_ok, capsys):
     stats = pd.read_csv(tmp_path / 'r' / f'{name}_statistics.csv')
     assert list(stats.columns[:4]) == PRETRAIN_COLUMNS and len(stats) == 1
     linear.main(linear.parse_args(['--model_path', str(tmp_path / 'r' / f'{name}_model.pth'), '--epochs', '1',
-                                   '--batch_size', '16', '--num_workers', '0', '--device', 'cpu',
+                                   '--batch_size', '16', '--num_workers', '0', *FP32, '--device', 'cpu',
                                    '--results_dir', str(tmp_path / 'r')]))
     stats = pd.read_csv(tmp_path / 'r' / f'{name}_linear_statistics.csv')
     assert list(stats.columns[:7]) == LINEAR_COLUMNS and len(stats) == 1
@@ -129,7 +130,8 @@ def test_bf16_autocast_gives_a_finite_float32_loss(tmp_path):
 
 def test_linear_evaluates_a_run_in_progress_from_its_state(finished, tmp_path):
     linear.main(linear.parse_args(['--model_path', str(finished / 'run_state.pth'), '--results_dir', str(tmp_path),
-                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0',
+                                   *FP32]))
     state = torch.load(finished / 'run_state.pth', weights_only=True)
     saved = torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)  # named after <name>_state.pth
     for key, value in saved['backbone'].items():
@@ -145,7 +147,8 @@ def test_linear_evaluates_a_model_file_of_the_earlier_layout(finished, tmp_path)
     assert 'model' not in old
     torch.save(old, tmp_path / 'run_model.pth')
     linear.main(linear.parse_args(['--model_path', str(tmp_path / 'run_model.pth'), '--results_dir', str(tmp_path),
-                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0']))
+                                   '--epochs', '1', '--batch_size', '8', '--device', 'cpu', '--num_workers', '0',
+                                   *FP32]))
     saved = torch.load(tmp_path / 'run_linear_model.pth', weights_only=True)
     for key, value in saved['backbone'].items():
         assert torch.equal(value, model['model']['backbone.' + key]), key
