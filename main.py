@@ -20,7 +20,8 @@ import optim
 import plot
 import utils
 from errors import UserError
-from model import ABLATIONS, ARCHS, MLP_BN, PREDICTORS, SIMILARITIES, ModelConfig, SimSiam, count_model, simsiam_loss
+from model import (ABLATIONS, ARCHS, MLP_BN, PREDICTORS, SIMILARITIES, STEMS, ModelConfig, SimSiam, count_model,
+                   resolve_stem, simsiam_loss)
 from pretrain import train_epoch
 from run import OUTPUTS, Run
 from speed import resolve_speed
@@ -29,7 +30,10 @@ from speed import resolve_speed
 def parse_args(argv=None):
     p = cli.Parser(description='SimSiam pretraining on CIFAR-10/100 or an image folder, '
                                'with a kNN monitor after every epoch.')
-    p.add_argument('--arch', default='resnet50', choices=ARCHS, help='backbone (CIFAR variant)')
+    p.add_argument('--arch', default='resnet50', choices=ARCHS, help='backbone')
+    p.add_argument('--stem', default='auto', choices=('auto',) + STEMS,
+                   help="the backbone's first layers: cifar (3x3 stride-1 conv1, no max-pool, App. D) or imagenet "
+                        "(torchvision's 7x7 stride-2 conv1 and max-pool); auto = cifar up to 64 px, imagenet above")
     p.add_argument('--feature_dim', type=cli.positive_int, default=2048,
                    help='output dim of the projector and the predictor')
     p.add_argument('--pred_dim', type=cli.positive_int, default=512, help='predictor bottleneck width')
@@ -68,12 +72,15 @@ def parse_args(argv=None):
 
 
 def run_name(args):
-    """Output file prefix: the seed's fields and each ablation switch that is not SimSiam's. Runs that differ in
+    """Output file prefix: the seed's fields, a stem that is not the image size's default, and each ablation
+    switch that is not SimSiam's. Runs that differ in
     another flag (--lr, --seed, ...) need a --name each; a new run never overwrites an existing state."""
     if args.name:
         return args.name
     changed = ''.join(f'_{flag}-{getattr(args, flag)}' for flag, default in ABLATIONS.items()
                       if getattr(args, flag) != default)
+    if resolve_stem(args.stem, utils.IMAGE_SIZE) != resolve_stem('auto', utils.IMAGE_SIZE):
+        changed = f'_stem-{args.stem}' + changed
     return (f'{args.arch}_{args.dataset}_{args.feature_dim}_{args.k}_{args.batch_size}_{args.epochs}{changed}'
             + ('_fix_pred_lr' if args.fix_pred_lr else ''))
 

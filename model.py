@@ -13,9 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from augment import IMAGE_SIZE
 from errors import UserError
 
 ARCHS = ('resnet18', 'resnet34', 'resnet50')
+STEMS = ('cifar', 'imagenet')  # the first layers: 3x3 stride-1 conv1 without max-pool, or torchvision's
 PREDICTORS = ('mlp', 'none', 'fixed')  # Sec. 4.2, Table 1
 MLP_BN = ('none', 'hidden', 'default', 'all')  # Sec. 4.4, Table 3
 SIMILARITIES = ('cosine', 'xent')  # Sec. 4.5, Table 4
@@ -38,6 +40,7 @@ class ModelConfig:
     predictor: str = 'mlp'  # Sec. 4.2: 'mlp', 'none' (identity) or 'fixed' (random, never trained)
     mlp_bn: str = 'default'  # Sec. 4.4, Table 3: where BN sits in the heads (see head_bn)
     stop_grad: bool = True  # Sec. 4.1: False lets the gradient reach the targets z
+    stem: str = 'cifar'  # 'cifar' (App. D) or 'imagenet' (torchvision's 7x7 stride-2 conv1 and max-pool)
 
     @classmethod
     def from_settings(cls, settings):
@@ -45,7 +48,7 @@ class ModelConfig:
         s = {**ABLATIONS, **settings}
         return cls(arch=s['arch'], feature_dim=s['feature_dim'], pred_dim=s['pred_dim'],
                    proj_hidden_dim=s['proj_hidden_dim'], predictor=s['predictor'], mlp_bn=s['mlp_bn'],
-                   stop_grad=s['stop_grad'] == 'on')
+                   stop_grad=s['stop_grad'] == 'on', stem=resolve_stem(s.get('stem', 'cifar'), IMAGE_SIZE))
 
     @classmethod
     def from_dict(cls, saved):
@@ -60,21 +63,33 @@ class ModelConfig:
         return asdict(self)
 
 
-def cifar_resnet(arch):
-    """A torchvision ResNet adapted to 32x32 inputs (paper App. D, following the SimCLR CIFAR variant).
+def resolve_stem(stem, image_size):
+    """'auto' is the CIFAR stem up to 64 px and torchvision's above: a 7x7 stride-2 conv1 and a max-pool
+    shrink a 32 px image to 8x8 before the first block, while at 224 px they are what ImageNet ResNets use."""
+    if stem == 'auto':
+        return 'cifar' if image_size <= 64 else 'imagenet'
+    return stem
 
-    conv1 becomes 3x3 stride 1, the max-pool goes, and fc is removed, so the output is the pooled,
-    flattened feature. `zero_init_residual` starts each residual block as an identity.
-    Returns (module, feature dimension).
+
+def resnet(arch, stem='cifar'):
+    """A torchvision ResNet without its fc, so the output is the pooled, flattened feature.
+
+    stem 'cifar' adapts it to 32x32 inputs (paper App. D, following the SimCLR CIFAR variant): conv1
+    becomes 3x3 stride 1 and the max-pool goes. 'imagenet' keeps torchvision's stem. `zero_init_residual`
+    starts each residual block as an identity. Returns (module, feature dimension).
     """
     if arch not in ARCHS:
         raise ValueError(f'unknown arch {arch!r}; choose from {", ".join(ARCHS)}')
+    if stem not in STEMS:
+        raise ValueError(f'unknown stem {stem!r}; choose from {", ".join(STEMS)}')
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
     dim = net.fc.in_features
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    if stem == 'cifar':
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, dim
+
 
 
 def _mlp(dims, bn):
@@ -124,7 +139,7 @@ class SimSiam(nn.Module):
             raise ValueError(f'unknown predictor {config.predictor!r}; choose from {", ".join(PREDICTORS)}')
         proj_bn, pred_bn = head_bn(config.mlp_bn)
         self.config = config
-        self.backbone, self.backbone_dim = cifar_resnet(config.arch)
+        self.backbone, self.backbone_dim = resnet(config.arch, config.stem)
         self.projector = projection_mlp(self.backbone_dim, config.proj_hidden_dim, config.feature_dim, proj_bn)
         self.predictor = nn.Identity() if config.predictor == 'none' else \
             prediction_mlp(config.feature_dim, config.pred_dim, pred_bn)
@@ -166,14 +181,17 @@ def pretrained_backbone(ckpt, source):
     try:
         config = ModelConfig.from_dict(ckpt['model_args'])
         weights = checkpoint_weights(ckpt)
-        backbone, dim = cifar_resnet(config.arch)
+        backbone, dim = resnet(config.arch, config.stem)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f'{source} does not describe a SimSiam model ({e})') from None
-    result = backbone.load_state_dict({k[len('backbone.'):]: v for k, v in weights.items()
-                                       if k.startswith('backbone.')}, strict=False)
+    fits = f'{source} does not fit a {config.arch} backbone ({config.stem} stem)'
+    try:
+        result = backbone.load_state_dict({k[len('backbone.'):]: v for k, v in weights.items()
+                                           if k.startswith('backbone.')}, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise UserError(f'{fits}: {str(e).splitlines()[-1].strip()}') from None
     if result.missing_keys or result.unexpected_keys:
-        raise UserError(f'{source} does not fit a {config.arch} backbone: missing {result.missing_keys[:4]}, '
-                        f'unexpected {result.unexpected_keys[:4]}')
+        raise UserError(f'{fits}: missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}')
     return backbone, dim
 
 

@@ -6,11 +6,11 @@ import torch.nn as nn
 
 import main
 import optim
-from model import ModelConfig, SimSiam, cifar_resnet, count_model, simsiam_loss
+from model import ModelConfig, SimSiam, count_model, resnet, simsiam_loss
 
 
 def test_backbone_is_the_cifar_variant():
-    net, dim = cifar_resnet('resnet50')
+    net, dim = resnet('resnet50')
     assert dim == 2048
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and net.conv1.padding == (1, 1)
     assert net.conv1.bias is None
@@ -23,15 +23,35 @@ def test_backbone_is_the_cifar_variant():
 
 @pytest.mark.parametrize('arch,dim', [('resnet18', 512), ('resnet34', 512)])
 def test_small_backbones(arch, dim):
-    net, d = cifar_resnet(arch)
+    net, d = resnet(arch)
     assert d == dim
     assert net.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, dim)
     assert all(not block.bn2.weight.detach().any() for block in net.layer1)
 
 
+def test_the_imagenet_stem_is_torchvisions_and_auto_picks_it_above_64_px():
+    import torchvision
+    from model import resolve_stem
+    net, dim = resnet('resnet18', 'imagenet')
+    reference = torchvision.models.resnet18()
+    assert (net.conv1.kernel_size, net.conv1.stride, net.conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert isinstance(net.maxpool, nn.MaxPool2d) and isinstance(net.fc, nn.Identity)
+    reference.fc = nn.Identity()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert net.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, dim)
+    assert [resolve_stem('auto', size) for size in (32, 64, 96, 224)] == ['cifar', 'cifar', 'imagenet', 'imagenet']
+    assert resolve_stem('imagenet', 32) == 'imagenet' and resolve_stem('cifar', 224) == 'cifar'
+    model = SimSiam(ModelConfig('resnet18', stem='imagenet'))
+    assert model.backbone.conv1.kernel_size == (7, 7)
+    # a config of a file written before the stem was a choice is the CIFAR one
+    assert ModelConfig.from_dict({'arch': 'resnet18'}).stem == 'cifar'
+    with pytest.raises(ValueError, match='unknown stem'):
+        resnet('resnet18', 'tiny')
+
+
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match='unknown arch'):
-        cifar_resnet('vgg16')
+        resnet('vgg16')
 
 
 def test_projector_and_predictor_layout():
@@ -250,3 +270,7 @@ def test_a_switch_that_is_not_simsiams_is_in_the_run_name():
         [], ['--stop_grad', 'off'], ['--predictor', 'none'], ['--predictor', 'fixed'], ['--mlp_bn', 'none'],
         ['--mlp_bn', 'hidden'], ['--mlp_bn', 'all'], ['--loss', 'xent'], ['--symmetric', 'off'], ['--fix_pred_lr'])}
     assert len(names) == 10  # no ablation overwrites another's files, nor the baseline's
+    # a stem other than the image size's default is named too; the default, given or chosen, is not
+    assert main.run_name(main.parse_args(base + ['--stem', 'imagenet'])) == \
+        'resnet18_folder_2048_200_512_800_stem-imagenet'
+    assert main.run_name(main.parse_args(base + ['--stem', 'cifar'])) == 'resnet18_folder_2048_200_512_800'

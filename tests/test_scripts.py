@@ -32,7 +32,7 @@ def test_folder_end_to_end(folder_data, tmp_path):
 
     ckpt = torch.load(out / f'{name}_model.pth', weights_only=True)
     assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64,
-                                  'predictor': 'mlp', 'mlp_bn': 'default', 'stop_grad': True}
+                                  'predictor': 'mlp', 'mlp_bn': 'default', 'stop_grad': True, 'stem': 'cifar'}
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
 
     r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
@@ -97,7 +97,11 @@ def test_linear_refuses_a_checkpoint_that_does_not_fit(folder_data, tmp_path):
     ckpt['model_args']['arch'] = 'resnet34'  # the weights are a resnet18's
     torch.save(ckpt, tmp_path / 'wrong_model.pth')
     torch.save(ckpt['model'], tmp_path / 'plain_model.pth')
-    for path, message in (('wrong_model.pth', 'does not fit a resnet34 backbone: missing'),
+    torch.save({**ckpt, 'model_args': {**ckpt['model_args'], 'arch': 'resnet18', 'stem': 'imagenet'}},
+               tmp_path / 'stem_model.pth')  # the weights are the CIFAR stem's
+    for path, message in (('wrong_model.pth', r'does not fit a resnet34 backbone \(cifar stem\): missing'),
+                          ('stem_model.pth', r'does not fit a resnet18 backbone \(imagenet stem\): size mismatch for '
+                                             r'conv1.weight'),
                           ('plain_model.pth', 'not a file written by main.py'),
                           ('run_statistics.csv', 'not a checkpoint')):
         with pytest.raises(errors.UserError, match=message):
