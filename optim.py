@@ -1,5 +1,5 @@
-"""The optimisation recipe: SGD over parameter groups, the paper's lr rule lr x batch_size / 256, and the
-cosine schedule (paper Sec. 4 and App. D)."""
+"""The optimisation recipe: SGD over parameter groups, LARS for the linear classifier of the ImageNet linear
+evaluation, the paper's lr rule lr x batch_size / 256, and the cosine schedule (paper Sec. 4 and App. D)."""
 import math
 
 import torch
@@ -25,6 +25,49 @@ def cosine_lr(init_lr, epoch, epochs):
 def sgd(groups, init_lr, momentum, weight_decay):
     """SGD with momentum and weight decay on every group (paper Sec. 4, App. D); a group may carry 'fix_lr'."""
     return torch.optim.SGD(groups, lr=init_lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step on a weight (a parameter of more than one dimension) is rescaled layer by
+    layer, as in the official SimSiam and MoCo v3 linear evaluation on ImageNet. For a weight p with gradient g,
+    g + weight_decay x p is multiplied by the trust ratio q = trust_coefficient x ||p|| / ||g + weight_decay x p||,
+    or by 1 when either norm is 0 (q is not capped at 1); a bias or batch-norm parameter (one dimension or none)
+    keeps its plain gradient, with no weight decay. Then mu = momentum x mu + that step, mu starting at zeros and
+    kept in the state as 'mu', and p = p - lr x mu."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns closure's loss when given a closure."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group['weight_decay'])
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    ratio = group['trust_coefficient'] * p_norm / u_norm
+                    update = update * torch.where((p_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                state['mu'].mul_(group['momentum']).add_(update)
+                p.sub_(state['mu'], alpha=group['lr'])
+        return loss
+
+
+def lars(params_or_groups, init_lr, momentum, weight_decay, trust_coefficient=0.001):
+    """LARS with momentum, weight decay and trust coefficient on every group; a group may carry 'fix_lr'."""
+    return LARS(params_or_groups, lr=init_lr, weight_decay=weight_decay, momentum=momentum,
+                trust_coefficient=trust_coefficient)
 
 
 def set_lr(optimizer, lr, init_lr):
