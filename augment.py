@@ -29,12 +29,23 @@ PRETRAIN = {
     'jitter_p': 0.8,  # ColorJitter applied with this probability
     'jitter': (0.4, 0.4, 0.4, 0.1),  # ColorJitter brightness, contrast, saturation, hue
     'grey_p': 0.2,  # RandomGrayscale
+    'mean': MEAN, 'std': STD,  # Normalize
 }
 LINEAR = {  # linear evaluation's training augmentation: crop and flip only
     'scale': (0.08, 1.0),
     'ratio': (3 / 4, 4 / 3),
     'flip_p': 0.5,
+    'mean': MEAN, 'std': STD,
 }
+# The ImageNet recipe (paper Sec. 4 and App. A, as the official code's ImageNet augmentation): the same
+# crop, jitter, grey and flip, a Gaussian blur, and the ImageNet statistics. Its test transform resizes
+# the shorter side to 256/224 of the image size, then takes the central crop.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_PRETRAIN = {**PRETRAIN, 'blur_p': 0.5, 'blur_sigma': (0.1, 2.0), 'mean': IMAGENET_MEAN,
+                     'std': IMAGENET_STD}
+IMAGENET_LINEAR = {**LINEAR, 'mean': IMAGENET_MEAN, 'std': IMAGENET_STD}
+IMAGENET_TEST_RESIZE = 256 / 224
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
 
 
@@ -51,30 +62,33 @@ def bernoulli(n, p, generator, device):
 def sample_crops(n, height, width, scale, ratio, generator, device):
     """Crop boxes (top, left, h, w), each (n,) int64, distributed as RandomResizedCrop.get_params.
 
-    Up to 10 attempts per image of area ~ U(scale) x H x W and log aspect ratio ~ U(log ratio); the first
-    box that fits is used; if none fits, the central crop with the ratio clamped into range.
+    height and width are the images' own sizes: ints for a batch of one geometry, or (n,) tensors of each
+    image's, so that each box is drawn in its image's geometry. Up to 10 attempts per image of area
+    ~ U(scale) x H x W and log aspect ratio ~ U(log ratio); the first box that fits is used; if none fits,
+    the central crop with the ratio clamped into range.
     """
-    area = height * width
+    height = torch.as_tensor(height, device=device).expand(n)
+    width = torch.as_tensor(width, device=device).expand(n)
+    area = (height * width)[:, None]
     target = area * uniform((n, CROP_ATTEMPTS), *scale, generator, device)
     aspect = torch.exp(uniform((n, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), generator, device))
     w = torch.sqrt(target * aspect).round().long()
     h = torch.sqrt(target / aspect).round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.int().argmax(dim=1, keepdim=True)  # index of the first fitting attempt
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     found = fits.any(dim=1)
     # fallback: a central crop, as torchvision
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
-    top = (uniform(n, 0, 1, generator, device) * (height - h + 1)).long().clamp(max=height - h)
-    left = (uniform(n, 0, 1, generator, device) * (width - w + 1)).long().clamp(max=width - w)
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, (height * max(ratio)).round().long(), width)
+    fh = torch.where(narrow, (width / min(ratio)).round().long(), height)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    top = (uniform(n, 0, 1, generator, device) * (height - h + 1)).long()
+    top = torch.minimum(top, height - h)
+    left = (uniform(n, 0, 1, generator, device) * (width - w + 1)).long()
+    left = torch.minimum(left, width - w)
     top = torch.where(found, top, (height - h) // 2)
     left = torch.where(found, left, (width - w) // 2)
     return top, left, h, w
@@ -225,25 +239,103 @@ def to_float(images):
     return images.to(torch.float32).div_(255)
 
 
+# ----------------------------------------------------------------------------- blur
+
+def blur_kernel_size(sigma_max, image_size):
+    """The odd kernel size of a Gaussian blur with sigma up to sigma_max on images of image_size pixels.
+
+    The rule of the torchvision-style SimCLR/BYOL recipes: about 10% of the image size, rounded down to
+    an odd number, and at least 3 (224 px: 23, 96 px: 9, 64 px: 7, 32 px: 3). Only the image size enters
+    the rule; sigma_max is taken so that callers state the range the kernel serves, and is not used: on
+    small images the kernel is narrower than 6 sigma_max and cuts the Gaussian's tails, as in those recipes.
+    """
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def _gaussian_kernels(sigma, kernel_size, dtype):
+    """One normalised 1-D Gaussian kernel per sigma: (B,) -> (B, kernel_size), as torchvision's tensor
+    gaussian_blur builds it: exp(-0.5 (t / sigma)^2) over kernel_size taps t from -(k - 1) / 2 to
+    (k - 1) / 2, divided by its sum."""
+    half = (kernel_size - 1) * 0.5
+    t = torch.linspace(-half, half, steps=kernel_size, dtype=dtype, device=sigma.device)
+    pdf = torch.exp(-0.5 * (t[None, :] / sigma.to(dtype)[:, None]).pow(2))
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Blur image b of x (B, C, H, W) float with a Gaussian of standard deviation sigma[b] (sigma (B,)).
+
+    Equal, to float32 rounding, to torchvision's tensor gaussian_blur(img, [k, k], [s, s]) on each image:
+    the same 1-D kernel, the same 'reflect' padding of (k - 1) / 2 pixels on every side (which needs
+    kernel_size // 2 < H and < W). The 2-D kernel is the outer product of the 1-D one, so the blur runs as
+    a horizontal then a vertical pass, each one grouped convolution over all B x C channels of the batch.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f'kernel_size must be an odd positive int, got {kernel_size}')
+    B, C, H, W = x.shape
+    if B == 0:
+        return x.clone()
+    pad = kernel_size // 2
+    weight = _gaussian_kernels(sigma, kernel_size, x.dtype).repeat_interleave(C, dim=0)  # (B*C, k)
+    out = F.pad(x, (pad, pad, pad, pad), mode='reflect').reshape(1, B * C, H + 2 * pad, W + 2 * pad)
+    out = F.conv2d(out, weight[:, None, None, :], groups=B * C)  # along rows: (1, B*C, H + 2 pad, W)
+    out = F.conv2d(out, weight[:, None, :, None], groups=B * C)  # along columns: (1, B*C, H, W)
+    return out.reshape(B, C, H, W)
+
+
+def sample_blur(n, p, sigma_range, generator, device):
+    """Per image: applied (n,) bool with probability p, then sigma (n,) ~ U(sigma_range), drawn for every
+    image whether or not it is blurred."""
+    applied = bernoulli(n, p, generator, device)
+    sigma = uniform(n, *sigma_range, generator, device)
+    return applied, sigma
+
+
+def random_blur(x, applied, sigma, kernel_size, select=None):
+    """Blur the images where applied (B,) with their own sigma (B,); the others are returned unchanged.
+
+    select=True (the default on a CPU): only the images that are blurred go through gaussian_blur.
+    select=False (the default elsewhere, since picking those images would stall a GPU stream for their
+    count): the whole batch is blurred and a mask keeps each image's right version. Returns a new tensor.
+    """
+    if select is None:
+        select = x.device.type == 'cpu'
+    if select:
+        out = x.clone()
+        index = applied.nonzero().squeeze(1)
+        if len(index):
+            out[index] = gaussian_blur(x[index], sigma[index], kernel_size)
+        return out
+    return torch.where(applied[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
+
+
 # ----------------------------------------------------------------------------- the pipelines
 
-def _crop_and_flip(images, generator, config, size):
-    """RandomResizedCrop and RandomHorizontalFlip of a uint8 batch, in one resampling: float32 in [0, 1]."""
+def _crop_and_flip(images, generator, config, size, sizes=None):
+    """RandomResizedCrop and RandomHorizontalFlip of a uint8 batch, in one resampling: float32 in [0, 1].
+    sizes (n, 2), optional: each image's (height, width) in the top-left corner of its canvas."""
     n, _, height, width = images.shape
+    if sizes is not None:
+        height, width = sizes[:, 0], sizes[:, 1]
     box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, images.device)
     flip = bernoulli(n, config['flip_p'], generator, images.device)
     return resized_crop(to_float(images), *box, size, flip=flip)
 
 
-def pretrain_augment(images, generator, config=PRETRAIN, size=IMAGE_SIZE):
+def pretrain_augment(images, generator, config=PRETRAIN, size=IMAGE_SIZE, sizes=None):
     """The SimSiam augmentation of utils.pretrain_transform on a uint8 batch; returns normalised float32."""
     n, device = len(images), images.device
-    x = _crop_and_flip(images, generator, config, size)
+    x = _crop_and_flip(images, generator, config, size, sizes)
     x = color_jitter(x, *sample_jitter(n, config['jitter'], config['jitter_p'], generator, device))
     x = random_grey(x, bernoulli(n, config['grey_p'], generator, device))
-    return normalize(x)
+    if config.get('blur_p'):
+        sigma = config['blur_sigma']
+        applied, sigmas = sample_blur(n, config['blur_p'], sigma, generator, device)
+        x = random_blur(x, applied, sigmas, blur_kernel_size(sigma[1], size))
+    return normalize(x, config.get('mean', MEAN), config.get('std', STD))
 
 
-def linear_augment(images, generator, config=LINEAR, size=IMAGE_SIZE):
+def linear_augment(images, generator, config=LINEAR, size=IMAGE_SIZE, sizes=None):
     """The linear-evaluation augmentation of utils.linear_transform on a uint8 batch."""
-    return normalize(_crop_and_flip(images, generator, config, size))
+    return normalize(_crop_and_flip(images, generator, config, size, sizes), config.get('mean', MEAN),
+                     config.get('std', STD))

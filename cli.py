@@ -68,13 +68,15 @@ def or_auto(item):
 
 
 def add_run_flags(p, state, datasets, batch_size, epochs, dataset, data_root, helps):
-    """The flags both scripts share, with each script's defaults: the batch, the epochs, SGD momentum, the
-    data and where results go, workers, device, seed, the speed settings and --resume. `helps` holds the
-    script's own help texts for 'dataset', 'data_root' and 'name'."""
+    """The flags both scripts share, with each script's defaults (None: its --recipe's): the batch, the
+    epochs, the momentum, the data and where results go, workers, device, seed, the speed settings and
+    --resume. `helps` holds the script's own help texts for 'dataset', 'data_root' and 'name' (and, if it
+    has them, 'batch_size' and 'epochs')."""
     p.add_argument('--batch_size', type=positive_int, default=batch_size,
-                   help='images per step; under torchrun the global batch, shared out')
-    p.add_argument('--epochs', type=positive_int, default=epochs, help='passes over the training set')
-    p.add_argument('--momentum', type=non_negative_float, default=0.9, help='SGD momentum')
+                   help=helps.get('batch_size', 'images per step; under torchrun the global batch, shared out'))
+    p.add_argument('--epochs', type=positive_int, default=epochs,
+                   help=helps.get('epochs', 'passes over the training set'))
+    p.add_argument('--momentum', type=non_negative_float, default=None, help='SGD momentum (recipe: 0.9)')
     p.add_argument('--dataset', default=dataset, choices=datasets, help=helps['dataset'])
     p.add_argument('--data_root', default=data_root, help=helps['data_root'])
     p.add_argument('--results_dir', default='results', help='where the CSV logs, checkpoints and plots go')

@@ -17,6 +17,7 @@ from tqdm import tqdm
 import cli
 import distributed
 import files
+import recipes
 import utils
 from augment import normalize
 from errors import JobError, UserError
@@ -31,22 +32,47 @@ def parse_args(argv=None):
     p.add_argument('--model_path', default='results/resnet50_cifar10_2048_200_512_800_model.pth',
                    help='a <name>_model.pth written by main.py, or its <name>_state.pth to evaluate a run '
                         'at its latest epoch')
-    p.add_argument('--lr', type=cli.number_list(cli.positive_float), default=LR_GRID,
+    p.add_argument('--recipe', default='auto', choices=('auto',) + recipes.RECIPES,
+                   help="the defaults of the flags marked 'recipe': cifar (this project's probe: BN, a grid of lrs, "
+                        "SGD) or imagenet (the official protocol: a plain head, LARS, lr 0.1, batch 4096, 90 epochs, "
+                        "Resize + CenterCrop for testing); auto = the pretraining's --recipe")
+    p.add_argument('--lr', type=cli.number_list(cli.positive_float), default=None,
                    help='base learning rate, or a comma-separated grid: one head per value, all on the same pass '
                         'of the backbone, the best chosen on --val_split; each optimiser uses lr x batch_size / '
-                        '256. The seed trains one plain head at 30')
-    p.add_argument('--probe_norm', default=PROBE_NORM, choices=PROBE_NORMS,
+                        f'256. The seed trains one plain head at 30 (recipe: {",".join(f"{v:g}" for v in LR_GRID)}; '
+                        '0.1)')
+    p.add_argument('--probe_norm', default=None, choices=PROBE_NORMS,
                    help='bn: a BatchNorm without affine parameters in front of the linear head, so the lr does '
-                        'not depend on the scale of the features; none: the plain linear head of the seed')
+                        'not depend on the scale of the features; none: the plain linear head of the seed '
+                        f'(recipe: {PROBE_NORM}; none)')
+    p.add_argument('--optimizer', default=None, choices=OPTIMIZERS,
+                   help='of the heads: sgd, or lars (trust coefficient 0.001, no clipping, as the official '
+                        'ImageNet protocol) (recipe: sgd; lars)')
     p.add_argument('--val_split', type=cli.or_auto(cli.fraction), default='auto',
                    help='fraction of the training set held out (drawn from --seed) to choose the best head of '
                         'a grid; auto = 0.1 with a grid, 0 with one lr. The test set never chooses')
-    cli.add_run_flags(p, "this evaluation's state", utils.DATASETS, batch_size=256, epochs=90, dataset=None,
+    cli.add_run_flags(p, "this evaluation's state", utils.DATASETS, batch_size=None, epochs=None, dataset=None,
                       data_root=None, helps={
                           'dataset': 'evaluation data (default: the dataset the model was pretrained on)',
                           'data_root': 'where the data lives (default: as in pretraining)',
-                          'name': 'output file prefix (default: <name> of the <name>_model.pth given)'})
-    return p.parse_args(argv)
+                          'name': 'output file prefix (default: <name> of the <name>_model.pth given)',
+                          'batch_size': 'images per step; under torchrun the global batch, shared out (recipe: '
+                                        '256; 4096)',
+                          'epochs': 'passes over the training set (recipe: 90)'})
+    args = p.parse_args(argv)
+    args.from_recipe = None  # the flags the recipe sets, once main() has read the checkpoint's
+    return args
+
+
+OPTIMIZERS = ('sgd', 'lars')
+
+
+def resolve_recipe(args, ckpt):
+    """The evaluation's recipe (the pretraining's unless --recipe names one), its flags filled in; returns
+    (recipe, the flags it set)."""
+    recipe = ckpt['args'].get('recipe', 'cifar') if args.recipe == 'auto' else args.recipe
+    taken = recipes.apply(args, {**recipes.LINEAR[recipe], 'lr': recipes.LINEAR[recipe]['lr'] or LR_GRID})
+    return recipe, taken
 
 
 PRETRAINED = ('simsiam_model', 'simsiam_state')  # a finished model, or the state of a run at its latest epoch
@@ -73,7 +99,7 @@ def test_batches(data, batch_size, device, world=distributed.SINGLE):
     """This process's chunks of the test set (all of it in one process), under the test transform."""
     for start, stop in distributed.shard_chunks(len(data), batch_size, world):
         images = data.images[start:stop].to(device, non_blocking=True)
-        yield [normalize(images)], data.labels[start:stop].to(device, non_blocking=True)
+        yield [normalize(images, data.mean, data.std)], data.labels[start:stop].to(device, non_blocking=True)
 
 
 def snapshot(module):
@@ -144,6 +170,8 @@ def summary(rows, grid):
 
 def main(args):
     name = args.name or output_name(args.model_path)
+    ckpt = load_pretrained(args.model_path)  # refused before anything else
+    args.recipe, args.from_recipe = resolve_recipe(args, ckpt)
     with distributed.processes(args.device, os.environ) as (world, device), \
             Run('linear.py', f'{name}_linear', vars(args), world=world, state_kind='simsiam_linear_state',
                 columns=columns(args.lr, val_fraction(args.val_split, args.lr) > 0),
@@ -158,7 +186,7 @@ def evaluate(args, run, world, device):
         raise JobError('--lr with several values needs --val_split above 0: the best head is chosen on '
                        'a part of the training set, never on the test set')
     distributed.local_batch(args.batch_size, world)
-    ckpt = distributed.on_main(lambda: load_pretrained(args.model_path), world)  # refused before anything else
+    ckpt = distributed.on_main(lambda: load_pretrained(args.model_path), world)
     state = run.start()
     if state is not None and state.get('pretrained_epoch', ckpt['epoch']) != ckpt['epoch']:
         raise UserError(f'--resume: the saved evaluation is of pretraining epoch {state["pretrained_epoch"]}, '
@@ -168,7 +196,12 @@ def evaluate(args, run, world, device):
     # the data, with the validation split held out of the training set
     dataset = args.dataset or ckpt['args']['dataset']
     data_root = args.data_root or ckpt['args']['data_root']
-    train, test = distributed.on_main(lambda: utils.load_splits(dataset, data_root), world)
+    _, augmentation, test_resize = recipes.AUGMENTATION[args.recipe]
+    image_size = ckpt['args'].get('image_size', utils.IMAGE_SIZE)
+    speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
+    train, test = distributed.on_main(lambda: utils.load_splits(
+        dataset, data_root, image_size, test_resize, augmentation['mean'], augmentation['std'],
+        views=speed.aug == 'batched'), world)
     utils.require_a_step(args.batch_size, len(train))
     train, val = utils.split_off(train, val_split, args.seed)
     if grid and not len(val):
@@ -187,19 +220,18 @@ def evaluate(args, run, world, device):
     backbone = backbone.to(device).eval()
     backbone.requires_grad_(False)
     heads = ProbeGrid(dim, classes, lrs, args.probe_norm, args.batch_size, args.momentum, args.seed, device, world,
-                      log)
+                      log, args.optimizer)
     if state is not None:
         state = {**state, 'probe': saved_probe(state)}
     run.restore(state, {'probe': heads}, 'grid of heads' if grid else 'head')
     frozen = snapshot(backbone)
-    speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
     log(f'speed: {speed}', flush=True)
     run.write_record(device, {
         'lr_resolved': heads.init_lrs if grid else heads.init_lrs[0], 'speed': str(speed),
         'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
         'train_images': len(train), 'val_images': len(val), 'test_images': len(test), 'classes': train.classes})
     source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device,
-                              distributed.worker_count(args.num_workers, world), world)
+                              distributed.worker_count(args.num_workers, world), world, image_size, augmentation)
     features = speed.wrap(speed.prepare(backbone).eval())  # eval mode: BN statistics never change
     common = {'model_args': ckpt['model_args'], 'classes': train.classes, 'pretrain_args': ckpt['args'],
               'pretrained_epoch': ckpt['epoch']}

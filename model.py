@@ -41,6 +41,8 @@ class ModelConfig:
     mlp_bn: str = 'default'  # Sec. 4.4, Table 3: where BN sits in the heads (see head_bn)
     stop_grad: bool = True  # Sec. 4.1: False lets the gradient reach the targets z
     stem: str = 'cifar'  # 'cifar' (App. D) or 'imagenet' (torchvision's 7x7 stride-2 conv1 and max-pool)
+    proj_layers: int = 2  # the projector's Linear layers: 2 (CIFAR, App. D) or 3 (ImageNet, Sec. 3)
+    proj_out_affine: bool = True  # the projector's output BN learns a scale and shift (False on ImageNet)
 
     @classmethod
     def from_settings(cls, settings):
@@ -48,7 +50,9 @@ class ModelConfig:
         s = {**ABLATIONS, **settings}
         return cls(arch=s['arch'], feature_dim=s['feature_dim'], pred_dim=s['pred_dim'],
                    proj_hidden_dim=s['proj_hidden_dim'], predictor=s['predictor'], mlp_bn=s['mlp_bn'],
-                   stop_grad=s['stop_grad'] == 'on', stem=resolve_stem(s.get('stem', 'cifar'), IMAGE_SIZE))
+                   stop_grad=s['stop_grad'] == 'on',
+                   stem=resolve_stem(s.get('stem', 'cifar'), s.get('image_size') or IMAGE_SIZE),
+                   proj_layers=s.get('proj_layers', 2), proj_out_affine=s.get('proj_out_affine', 'on') == 'on')
 
     @classmethod
     def from_dict(cls, saved):
@@ -92,14 +96,16 @@ def resnet(arch, stem='cifar'):
 
 
 
-def _mlp(dims, bn):
-    """Linear layers through `dims`, ReLU between them; layer i is followed by a BatchNorm when bn[i]. A
-    Linear followed by BN has no bias (BN's shift takes its place); one without BN keeps its bias."""
+def _mlp(dims, bn, out_affine=True):
+    """Linear layers through `dims`, ReLU between them; layer i is followed by a BatchNorm when bn[i] (the
+    last one without a learnt scale and shift unless out_affine). A Linear followed by BN has no bias (BN's
+    shift, or the normalisation, takes its place); one without BN keeps its bias."""
     layers = []
+    last = len(dims) - 2
     for i, (n_in, n_out) in enumerate(zip(dims, dims[1:])):
         layers.append(nn.Linear(n_in, n_out, bias=not bn[i]))
         if bn[i]:
-            layers.append(nn.BatchNorm1d(n_out))
+            layers.append(nn.BatchNorm1d(n_out, affine=out_affine or i < last))
         if i < len(dims) - 2:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -113,9 +119,12 @@ def head_bn(mlp_bn):
             'all': ((True, True), (True, True))}[mlp_bn]
 
 
-def projection_mlp(in_dim, hidden_dim, out_dim, bn=(True, True)):
-    """The CIFAR projection MLP: 2 layers, by default BN on every layer including the output (App. D)."""
-    return _mlp((in_dim, hidden_dim, out_dim), bn)
+def projection_mlp(in_dim, hidden_dim, out_dim, bn=(True, True), layers=2, out_affine=True):
+    """The projection MLP: 2 layers (CIFAR, App. D) or 3 (ImageNet, Sec. 3: 2048-2048-2048), by default BN
+    on every layer including the output (bn: hidden layers, output); on ImageNet the output BN has no
+    affine parameters, as in the official code."""
+    hidden, out = bn
+    return _mlp((in_dim, *[hidden_dim] * (layers - 1), out_dim), (hidden,) * (layers - 1) + (out,), out_affine)
 
 
 def prediction_mlp(dim, pred_dim, bn=(True, False)):
@@ -140,7 +149,8 @@ class SimSiam(nn.Module):
         proj_bn, pred_bn = head_bn(config.mlp_bn)
         self.config = config
         self.backbone, self.backbone_dim = resnet(config.arch, config.stem)
-        self.projector = projection_mlp(self.backbone_dim, config.proj_hidden_dim, config.feature_dim, proj_bn)
+        self.projector = projection_mlp(self.backbone_dim, config.proj_hidden_dim, config.feature_dim, proj_bn,
+                                        config.proj_layers, config.proj_out_affine)
         self.predictor = nn.Identity() if config.predictor == 'none' else \
             prediction_mlp(config.feature_dim, config.pred_dim, pred_bn)
         if config.predictor == 'fixed':

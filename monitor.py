@@ -63,10 +63,12 @@ def knn_monitor(fn, bank, test, k, t, batch_size, device, world=SINGLE):
     bank and of the queries (distributed.shard_chunks), the bank is gathered, each process classifies its
     queries, and the hit counts are summed: the same numbers as one process computes.
     """
-    bank_local = embed(fn, bank.images, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world))
+    norm = {'mean': getattr(bank, 'mean', MEAN), 'std': getattr(bank, 'std', STD)}  # the recipe's
+    bank_local = embed(fn, bank.images, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world),
+                       **norm)
     bank_features = distributed.gather_chunks(bank_local, len(bank), batch_size, world)
     ranges = distributed.shard_chunks(len(test), batch_size, world)
-    test_local = embed(fn, test.images, batch_size, device, ranges)
+    test_local = embed(fn, test.images, batch_size, device, ranges, **norm)
     hits = [0, 0]
     if ranges:
         labels = torch.cat([test.labels[start:stop] for start, stop in ranges]).to(device)

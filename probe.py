@@ -145,8 +145,8 @@ def head_name(lr):
 
 class ProbeGrid:
     """One Probe per base lr in `lrs`, all fed by the same pass of the frozen backbone, each with its own SGD
-    (lr x batch_size / 256, momentum, no weight decay) and cosine schedule, so that each computes exactly
-    what a run with its lr alone would; every head starts from the same seed.
+    or LARS (`optimizer`; lr x batch_size / 256, momentum, no weight decay) and cosine schedule, so that each
+    computes exactly what a run with its lr alone would; every head starts from the same seed.
 
     A head whose training, validation or test loss is not finite stops alone, with one line, while the
     others go on; when none is left, the run stops as a single head's does (its NonFiniteLoss is raised).
@@ -155,7 +155,7 @@ class ProbeGrid:
     """
 
     def __init__(self, dim, classes, lrs, norm, batch_size, momentum, seed, device, world=SINGLE,
-                 log=lambda *a, **kw: None):
+                 log=lambda *a, **kw: None, optimizer='sgd'):
         self.lrs, self.classes, self.world, self.log = list(lrs), classes, world, log
         self.heads = nn.ModuleList()
         for _ in self.lrs:  # every head starts where a run with its lr alone would
@@ -165,7 +165,8 @@ class ProbeGrid:
         if world.distributed:
             self.heads = distributed.sync_batchnorm(self.heads, device)  # the probe's BN sees the global batch
         self.init_lrs = [optim.scaled_lr(lr, batch_size) for lr in self.lrs]
-        self.optimizers = [optim.sgd(h.parameters(), init, momentum, 0.0) for h, init in zip(self.heads, self.init_lrs)]
+        make = optim.lars if optimizer == 'lars' else optim.sgd
+        self.optimizers = [make(h.parameters(), init, momentum, 0.0) for h, init in zip(self.heads, self.init_lrs)]
         self.trained = [distributed.data_parallel(h, world, device) for h in self.heads]  # gradients averaged
         self.dead, self.warned = {}, []
 

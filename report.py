@@ -73,8 +73,8 @@ def counts(settings, classes):
     key = json.dumps([settings, classes], sort_keys=True)
     if key not in _COUNTS:
         torch.manual_seed(0)
-        _COUNTS[key] = count_model(SimSiam(ModelConfig.from_settings(settings)), classes, IMAGE_SIZE,
-                                   torch.device('cpu'))
+        _COUNTS[key] = count_model(SimSiam(ModelConfig.from_settings(settings)), classes,
+                                   settings.get('image_size') or IMAGE_SIZE, torch.device('cpu'))
     return _COUNTS[key]
 
 

@@ -287,3 +287,21 @@ def test_bad_grid_flags_are_one_line(extra, message, finished, tmp_path, monkeyp
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and message in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_of_bn_probes_trains_with_lars():
+    x, y = offset_features()
+    # LARS steps a weight by lr x 0.001 x its norm: over these 48 steps (ImageNet's protocol takes 28k) a
+    # high lr learns, a low one barely moves
+    grid = ProbeGrid(x.size(1), CLASSES, [10.0, 100.0], 'bn', 32, 0.9, 0, 'cpu', optimizer='lars')
+    assert all(type(o).__name__ == 'LARS' for o in grid.optimizers)
+    for epoch in range(1, 4):
+        grid.set_epoch(epoch, 3)
+        results = grid.train_epoch(lambda b: b, batches_of(x, y), epoch)
+    assert not grid.dead and all(math.isfinite(r[0]) for r in results)
+    assert results[1][1] > 90 and results[1][0] < math.log(CLASSES), results  # lr 100 has learnt the classes
+    before = [p.clone() for p in grid.heads.parameters()]
+    state = grid.state_dict()
+    again = ProbeGrid(x.size(1), CLASSES, [10.0, 100.0], 'bn', 32, 0.9, 1, 'cpu', optimizer='lars')
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again.heads.parameters(), before))

@@ -32,7 +32,8 @@ def test_folder_end_to_end(folder_data, tmp_path):
 
     ckpt = torch.load(out / f'{name}_model.pth', weights_only=True)
     assert ckpt['model_args'] == {'arch': 'resnet18', 'feature_dim': 64, 'pred_dim': 16, 'proj_hidden_dim': 64,
-                                  'predictor': 'mlp', 'mlp_bn': 'default', 'stop_grad': True, 'stem': 'cifar'}
+                                  'predictor': 'mlp', 'mlp_bn': 'default', 'stop_grad': True, 'stem': 'cifar',
+                                  'proj_layers': 2, 'proj_out_affine': True}
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'folder'
 
     r = run_script('linear.py', '--model_path', out / f'{name}_model.pth', '--results_dir', out,
