@@ -6,7 +6,8 @@ from a `torch.Generator`, with the distributions of the torchvision transforms t
 RandomApply(ColorJitter) with a random operation order per image, RandomGrayscale. The operations follow
 torchvision's tensor functional ops (bilinear resampling without corner alignment, `_blend` with
 clamping, ITU-R 601 grey weights, hue shift in HSV), so with the same parameters they agree to float32
-rounding; tests/test_augment.py pins both the operations and the distributions.
+rounding; tests/test_augment.py pins both the operations and the distributions. The crop's resampling has
+no antialiasing: where a crop is shrunk (large images) it is sharper than the PIL path's, which filters.
 """
 import math
 

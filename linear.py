@@ -196,7 +196,10 @@ def evaluate(args, run, world, device):
     # the data, with the validation split held out of the training set
     dataset = args.dataset or ckpt['args']['dataset']
     data_root = args.data_root or ckpt['args']['data_root']
-    _, augmentation, test_resize = recipes.AUGMENTATION[args.recipe]
+    # the probe's crop from the evaluation's recipe; the input statistics and the test transform are the
+    # pretraining's, which the frozen backbone was trained on
+    pretrained, _, test_resize = recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')]
+    augmentation = {**recipes.AUGMENTATION[args.recipe][1], 'mean': pretrained['mean'], 'std': pretrained['std']}
     image_size = ckpt['args'].get('image_size', utils.IMAGE_SIZE)
     speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
     train, test = distributed.on_main(lambda: utils.load_splits(

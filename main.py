@@ -57,11 +57,12 @@ def parse_args(argv=None):
     p.add_argument('--knn_t', type=cli.positive_float, default=0.1, help='kNN vote temperature')
     p.add_argument('--knn_feature', default='backbone', choices=('backbone', 'projector'),
                    help='which output the kNN monitor compares')
-    p.add_argument('--knn_bank', type=cli.positive_int, default=None,
+    p.add_argument('--knn_bank', type=cli.non_negative_int, default=None,
                    help='cap the kNN bank at a fixed labelled subset of the training set this large, drawn from '
-                        '--seed (recipe: all; 100000)')
-    p.add_argument('--knn_queries', type=cli.positive_int, default=None,
-                   help='cap the kNN queries at a fixed subset of the test set this large (recipe: all; 10000)')
+                        '--seed; 0: all (recipe: 0; 100000)')
+    p.add_argument('--knn_queries', type=cli.non_negative_int, default=None,
+                   help='cap the kNN queries at a fixed subset of the test set this large; 0: all (recipe: 0; '
+                        '10000)')
     p.add_argument('--knn_every', type=cli.positive_int, default=1,
                    help='run the kNN monitor every N epochs (and always after the last)')
     p.add_argument('--lr', type=cli.positive_float, default=None,
@@ -92,6 +93,8 @@ def parse_args(argv=None):
                           'epochs': 'passes over the training set (recipe: 800; 100)'})
     args = p.parse_args(argv)
     args.from_recipe = recipes.apply(args, recipes.PRETRAIN[args.recipe])
+    if 'fix_pred_lr' in args.from_recipe and args.predictor != 'mlp':
+        args.fix_pred_lr = False  # the recipe's, and there is no trained predictor to keep at its lr
     if args.image_size is None:
         args.image_size = recipes.IMAGE_SIZES[args.dataset]
     return args

@@ -29,7 +29,8 @@ def sgd(groups, init_lr, momentum, weight_decay):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step on a weight (a parameter of more than one dimension) is rescaled layer by
-    layer, as in the official SimSiam and MoCo v3 linear evaluation on ImageNet. For a weight p with gradient g,
+    layer, as in MoCo v3's linear evaluation on ImageNet (the official SimSiam code wraps SGD in apex's LARC,
+    which rescales a bias too once it is non-zero). For a weight p with gradient g,
     g + weight_decay x p is multiplied by the trust ratio q = trust_coefficient x ||p|| / ||g + weight_decay x p||,
     or by 1 when either norm is 0 (q is not capped at 1); a bias or batch-norm parameter (one dimension or none)
     keeps its plain gradient, with no weight decay. Then mu = momentum x mu + that step, mu starting at zeros and

@@ -2,7 +2,9 @@
 (Sec. 4 and App. A, as the official code runs it), with the augmentation and test transform of each.
 
 A flag given on the command line overrides its recipe's value; a flag left out (None after parsing) takes
-it, and its name goes into `from_recipe`, which the run's args.json keeps with every resolved value.
+it, and its name goes into `from_recipe`, which the run's args.json keeps with every resolved value. The
+ImageNet recipe's fixed predictor lr is dropped for a predictor that is not trained (--predictor none or
+fixed); given explicitly there, --fix_pred_lr is refused.
 """
 import augment
 
@@ -12,8 +14,8 @@ RECIPES = ('cifar', 'imagenet')
 PRETRAIN = {
     'cifar': {'arch': 'resnet50', 'stem': 'auto', 'image_size': None, 'feature_dim': 2048, 'pred_dim': 512,
               'proj_hidden_dim': 2048, 'proj_layers': 2, 'proj_out_affine': 'on', 'lr': 0.03, 'wd': 5e-4,
-              'momentum': 0.9, 'batch_size': 512, 'epochs': 800, 'fix_pred_lr': False, 'knn_bank': None,
-              'knn_queries': None},
+              'momentum': 0.9, 'batch_size': 512, 'epochs': 800, 'fix_pred_lr': False, 'knn_bank': 0,
+              'knn_queries': 0},
     'imagenet': {'arch': 'resnet50', 'stem': 'imagenet', 'image_size': 224, 'feature_dim': 2048,
                  'pred_dim': 512, 'proj_hidden_dim': 2048, 'proj_layers': 3, 'proj_out_affine': 'off',
                  'lr': 0.05, 'wd': 1e-4, 'momentum': 0.9, 'batch_size': 512, 'epochs': 100,

@@ -21,7 +21,8 @@ import signals
 from errors import JobError, NonFiniteLoss, UserError
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
-HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile', 'save_every'})
+HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile', 'save_every',
+                      'from_recipe'})  # the values it names are compared themselves
 
 
 # ----------------------------------------------------------------------------- random-number states

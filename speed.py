@@ -45,10 +45,10 @@ class Speed:
 
 
 def cpu_has_amx():
-    """Whether this CPU multiplies bf16 matrices in AMX tiles, as torch reports it (a function of its own so
-    that the tests can patch it both ways)."""
+    """Whether this CPU multiplies bf16 matrices in AMX tiles, as torch reports it, and torch's kernels use
+    AVX-512 here (a function of its own so that the tests can patch it both ways)."""
     check = getattr(torch.cpu, '_is_amx_tile_supported', None)
-    return bool(check and check())
+    return bool(check and check()) and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def cpu_has_avx512_bf16():

@@ -289,7 +289,8 @@ def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.
     if not paths:
         raise UserError(f'--dataset folder: no images found under {split!r}')
     sizes = [_header_size(path, split) for path in paths]
-    own = all(size == (image_size, image_size) for size in sizes)
+    resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
+    own = not resized and all(size == (image_size, image_size) for size in sizes)
     keep = views and not own
     stored = [stored_size(h, w, image_size) for h, w in sizes] if keep else []
     canvas = (max(h for h, _ in stored), max(w for _, w in stored)) if keep else (0, 0)
@@ -301,7 +302,7 @@ def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.
     kept = np.zeros((len(paths), canvas[0], canvas[1], 3), np.uint8) if keep else None
     for i, path in enumerate(paths):
         img = _open_rgb(path, split)
-        images[i] = np.asarray(test(img) if img.size != (image_size, image_size) else img, dtype=np.uint8)
+        images[i] = np.asarray(test(img) if resized or img.size != (image_size, image_size) else img, dtype=np.uint8)
         if keep:
             h, w = stored[i]
             small = img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
@@ -319,14 +320,17 @@ def at_size(data, image_size, test_resize=1.0):
     resize = round(image_size * test_resize)
     if (height, width) == (image_size, image_size) and resize == image_size:
         return data
-    x = data.images.float()
+    check_memory(len(data) * 3 * image_size ** 2, host_memory_available(), 'host',
+                 'use a smaller --image_size')
     scale = resize / min(height, width)
-    x = F.interpolate(x, size=(max(resize, round(height * scale)), max(resize, round(width * scale))),
-                      mode='bilinear', antialias=True, align_corners=False)
-    top, left = (x.shape[-2] - image_size) // 2, (x.shape[-1] - image_size) // 2
-    images = x[..., top:top + image_size, left:left + image_size].round_().clamp_(0, 255).to(torch.uint8)
-    return ImageSet(images.contiguous(), data.labels, data.classes, views=data.images, mean=data.mean,
-                    std=data.std)
+    size = (max(resize, round(height * scale)), max(resize, round(width * scale)))
+    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    images = torch.empty(len(data), 3, image_size, image_size, dtype=torch.uint8)
+    for start in range(0, len(data), 1024):  # in chunks: a float copy of the whole split would not fit
+        x = F.interpolate(data.images[start:start + 1024].float(), size=size, mode='bilinear', antialias=True,
+                          align_corners=False)
+        images[start:start + 1024] = x[..., top:top + image_size, left:left + image_size].round_().clamp_(0, 255)
+    return ImageSet(images, data.labels, data.classes, views=data.images, mean=data.mean, std=data.std)
 
 
 def load_dataset(name, root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.0, views=True,
@@ -348,10 +352,13 @@ def split_off(data, fraction, seed):
     """(rest, held out): a fixed `fraction` of `data`'s images, drawn from the seed, held out (for choosing
     among linear heads without the test set); the rest keeps its order."""
     held = torch.randperm(len(data), generator=generator(seed, 0xFA1))[:round(fraction * len(data))]
+    if not len(held):
+        return data, data.subset(held)  # nothing held out: no copy
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[held] = False
     held = held.sort().values
-    return data.subset(keep), data.subset(held)
+    tested = dataclasses.replace(data, views=None, sizes=None, paths=None)  # the held-out part is only tested
+    return data.subset(keep), tested.subset(held)
 
 
 def load_splits(name, root, image_size=IMAGE_SIZE, test_resize=1.0, mean=MEAN, std=STD, views=True):
@@ -374,9 +381,11 @@ def pretraining_set(name, root, train, image_size=IMAGE_SIZE, test_resize=1.0, v
 
 
 def capped(data, limit, seed, salt):
-    """At most `limit` images of `data`: a fixed subset drawn from the seed (in the split's order), or all."""
-    if limit is None or limit >= len(data):
+    """At most `limit` images of `data` (0 or None: all) under the test transform alone (what the kNN
+    monitor reads): a fixed subset drawn from the seed, in the split's order."""
+    if not limit or limit >= len(data):
         return data
+    data = dataclasses.replace(data, views=None, sizes=None, paths=None)  # no copy of the crop canvas
     return data.subset(torch.randperm(len(data), generator=generator(seed, 0xCA9, salt))[:limit].sort().values)
 
 

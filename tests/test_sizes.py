@@ -235,3 +235,18 @@ def test_the_knn_caps_use_fixed_subsets_and_the_csv_says_their_sizes(folder_data
     train, _ = utils.load_splits('folder', folder_data)
     assert len(train) == 32 and not torch.equal(bank1, train.images[:10])  # drawn, not the first ten
     assert 'knn_bank' not in pd.read_csv(tmp_path / 'cap_statistics.csv').columns[:12]
+
+
+def test_the_recipes_fixed_predictor_lr_goes_with_an_untrained_predictor_and_resuming_ignores_from_recipe():
+    import run
+    args = main.parse_args(['--recipe', 'imagenet', '--predictor', 'none'])
+    assert args.fix_pred_lr is False
+    main.check_args(args)  # not refused: the user never asked for --fix_pred_lr
+    with pytest.raises(Exception, match='--fix_pred_lr keeps'):
+        main.check_args(main.parse_args(['--recipe', 'imagenet', '--predictor', 'none', '--fix_pred_lr']))
+    # the same run resumed with a value of the recipe now typed out is the same run
+    saved, now = vars(main.parse_args(['--recipe', 'imagenet'])), vars(main.parse_args(['--recipe', 'imagenet',
+                                                                                        '--lr', '0.05']))
+    assert saved['from_recipe'] != now['from_recipe'] and run.run_differences(saved, now) == []
+    assert run.run_differences(saved, vars(main.parse_args(['--recipe', 'imagenet', '--lr', '0.1']))) != []
+    assert main.parse_args(['--recipe', 'imagenet', '--knn_bank', '0']).knn_bank == 0  # 0: all of it
