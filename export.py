@@ -84,13 +84,19 @@ def folded_head(head):
     return weight.to(head['weight'].dtype), bias.to(head['bias'].dtype)
 
 
+def run_prefix(path, ckpt):
+    """`path` without the suffix its kind of file has (results/<name> of results/<name>_model.pth), or None."""
+    suffix = SUFFIXES[ckpt['kind']]
+    return path[:-len(suffix)] if path.endswith(suffix) else None
+
+
 def accuracy(path, ckpt):
     """{'knn_acc@1'|'linear_acc@1': value} of the checkpoint's epoch where its run's log says it, else {}."""
     key = 'linear_acc@1' if ckpt['kind'] == 'simsiam_linear' else 'knn_acc@1'
     rows = ckpt.get('rows')
     if rows is None:
-        stem = path[:-len(SUFFIXES[ckpt['kind']])] if path.endswith(SUFFIXES[ckpt['kind']]) else None
-        log = stem and stem + ('_linear_statistics.csv' if ckpt['kind'] == 'simsiam_linear' else '_statistics.csv')
+        prefix = run_prefix(path, ckpt)
+        log = prefix and prefix + ('_linear_statistics.csv' if ckpt['kind'] == 'simsiam_linear' else '_statistics.csv')
         try:
             rows = pd.read_csv(log).to_dict('records') if log and os.path.isfile(log) else []
         except (OSError, ValueError, pd.errors.ParserError):
@@ -104,10 +110,9 @@ def accuracy(path, ckpt):
 
 def provenance(path, ckpt, config, fmt):
     """Where the exported weights came from."""
-    suffix = SUFFIXES[ckpt['kind']]
-    name = os.path.basename(path)
+    prefix = run_prefix(path, ckpt)
     record = {'source': os.path.abspath(path), 'kind': ckpt['kind'],
-              'run': name[:-len(suffix)] if name.endswith(suffix) else name, 'epoch': ckpt.get('epoch'),
+              'run': os.path.basename(prefix or path), 'epoch': ckpt.get('epoch'),
               'arch': config.arch, 'stem': config.stem, 'model_args': config.to_dict(), 'format': fmt,
               **accuracy(path, ckpt)}
     if ckpt['kind'] == 'simsiam_linear':
@@ -164,8 +169,7 @@ def check_format(fmt, config):
 
 
 def default_out(path, ckpt, fmt):
-    suffix = SUFFIXES[ckpt['kind']]
-    stem = path[:-len(suffix)] if path.endswith(suffix) else os.path.splitext(path)[0]
+    stem = run_prefix(path, ckpt) or os.path.splitext(path)[0]
     if ckpt['kind'] == 'simsiam_linear':
         stem += '_linear'
     return f'{stem}_{fmt}' + ('.pkl' if fmt == 'detectron2' else '.pth')

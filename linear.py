@@ -71,7 +71,7 @@ def resolve_recipe(args, ckpt):
     """The evaluation's recipe (the pretraining's unless --recipe names one), its flags filled in; returns
     (recipe, the flags it set)."""
     recipe = ckpt['args'].get('recipe', 'cifar') if args.recipe == 'auto' else args.recipe
-    taken = recipes.apply(args, {**recipes.LINEAR[recipe], 'lr': recipes.LINEAR[recipe]['lr'] or LR_GRID})
+    taken = recipes.apply(args, recipes.LINEAR[recipe])
     return recipe, taken
 
 
@@ -89,10 +89,9 @@ def output_name(model_path):
 
 
 def load_pretrained(path):
-    """The main.py checkpoint at `path`, refused unless it rebuilds its backbone."""
+    """(the main.py checkpoint at `path`, (its backbone, feature dim)), refused unless it rebuilds it."""
     ckpt = files.load_checkpoint(path, PRETRAINED, '--model_path')
-    pretrained_backbone(ckpt, f'--model_path {path!r}')
-    return ckpt
+    return ckpt, pretrained_backbone(ckpt, f'--model_path {path!r}')
 
 
 def test_batches(data, batch_size, device, world=distributed.SINGLE):
@@ -170,23 +169,23 @@ def summary(rows, grid):
 
 def main(args):
     name = args.name or output_name(args.model_path)
-    ckpt = load_pretrained(args.model_path)  # refused before anything else
+    ckpt, pretrained = load_pretrained(args.model_path)  # refused before anything else
     args.recipe, args.from_recipe = resolve_recipe(args, ckpt)
     with distributed.processes(args.device, os.environ) as (world, device), \
             Run('linear.py', f'{name}_linear', vars(args), world=world, state_kind='simsiam_linear_state',
                 columns=columns(args.lr, val_fraction(args.val_split, args.lr) > 0),
                 title=f'{name} linear evaluation') as run:
-        evaluate(args, run, world, device)
+        evaluate(args, run, world, device, ckpt, pretrained)
 
 
-def evaluate(args, run, world, device):
+def evaluate(args, run, world, device, ckpt, pretrained):
+    """The evaluation of checkpoint `ckpt`, whose (backbone, feature dim) is `pretrained`."""
     log, lrs, grid = run.log, args.lr, len(args.lr) > 1
     val_split = val_fraction(args.val_split, lrs)
     if grid and val_split == 0:
         raise JobError('--lr with several values needs --val_split above 0: the best head is chosen on '
                        'a part of the training set, never on the test set')
     distributed.local_batch(args.batch_size, world)
-    ckpt = distributed.on_main(lambda: load_pretrained(args.model_path), world)
     state = run.start()
     if state is not None and state.get('pretrained_epoch', ckpt['epoch']) != ckpt['epoch']:
         raise UserError(f'--resume: the saved evaluation is of pretraining epoch {state["pretrained_epoch"]}, '
@@ -198,8 +197,8 @@ def evaluate(args, run, world, device):
     data_root = args.data_root or ckpt['args']['data_root']
     # the probe's crop from the evaluation's recipe; the input statistics and the test transform are the
     # pretraining's, which the frozen backbone was trained on
-    pretrained, _, test_resize = recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')]
-    augmentation = {**recipes.AUGMENTATION[args.recipe][1], 'mean': pretrained['mean'], 'std': pretrained['std']}
+    trained_on, _, test_resize = recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')]
+    augmentation = {**recipes.AUGMENTATION[args.recipe][1], 'mean': trained_on['mean'], 'std': trained_on['std']}
     image_size = ckpt['args'].get('image_size', utils.IMAGE_SIZE)
     speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
     train, test = distributed.on_main(lambda: utils.load_splits(
@@ -219,7 +218,7 @@ def evaluate(args, run, world, device):
 
     # the frozen backbone and the heads
     torch.manual_seed(args.seed)
-    backbone, dim = pretrained_backbone(ckpt, f'--model_path {args.model_path!r}')
+    backbone, dim = pretrained
     backbone = backbone.to(device).eval()
     backbone.requires_grad_(False)
     heads = ProbeGrid(dim, classes, lrs, args.probe_norm, args.batch_size, args.momentum, args.seed, device, world,

@@ -142,6 +142,11 @@ COLUMNS = ['epoch', 'train_loss', 'test_acc@1', 'test_acc@5', 'z_std', 'z_std_ra
 WALL_CLOCK = ('train_time', 'knn_time', 'epoch_time', 'images_per_s', 'save_time')
 
 
+def knn_columns(args):
+    """The CSV's columns of the kNN monitor's sizes: only when --knn_bank or --knn_queries caps them."""
+    return ['knn_bank', 'knn_queries'] if args.knn_bank or args.knn_queries else []
+
+
 def describe(row, epochs):
     """The epoch's line."""
     acc = '' if row['test_acc@1'] is None else \
@@ -153,9 +158,8 @@ def describe(row, epochs):
 def main(args):
     check_args(args)
     name = run_name(args)
-    capped = args.knn_bank or args.knn_queries
     with distributed.processes(args.device, os.environ) as (world, device), \
-            Run('main.py', name, vars(args), columns=COLUMNS + (['knn_bank', 'knn_queries'] if capped else []),
+            Run('main.py', name, vars(args), columns=COLUMNS + knn_columns(args),
                 world=world, state_kind='simsiam_state',
                 outputs={**OUTPUTS, 'neighbours': 'neighbours.png'}, title=name) as run:
         pretrain(args, run, world, device)
@@ -227,8 +231,7 @@ def pretrain(args, run, world, device):
             model.eval()
             row['test_acc@1'], row['test_acc@5'], *features[:] = monitor.knn_monitor(
                 knn_fn, bank, queries, k, args.knn_t, args.batch_size, device, world)
-            if args.knn_bank or args.knn_queries:
-                row.update(knn_bank=len(bank), knn_queries=len(queries))
+            row.update(zip(knn_columns(args), (len(bank), len(queries))))
         epoch_time = time.perf_counter() - start
         row.update(train_time=train_time, knn_time=epoch_time - train_time, epoch_time=epoch_time,
                    images_per_s=steps * args.batch_size / train_time)

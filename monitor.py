@@ -63,7 +63,7 @@ def knn_monitor(fn, bank, test, k, t, batch_size, device, world=SINGLE):
     bank and of the queries (distributed.shard_chunks), the bank is gathered, each process classifies its
     queries, and the hit counts are summed: the same numbers as one process computes.
     """
-    norm = {'mean': getattr(bank, 'mean', MEAN), 'std': getattr(bank, 'std', STD)}  # the recipe's
+    norm = {'mean': bank.mean, 'std': bank.std}  # the recipe's
     bank_local = embed(fn, bank.images, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world),
                        **norm)
     bank_features = distributed.gather_chunks(bank_local, len(bank), batch_size, world)

@@ -7,6 +7,7 @@ ImageNet recipe's fixed predictor lr is dropped for a predictor that is not trai
 fixed); given explicitly there, --fix_pred_lr is refused.
 """
 import augment
+from probe import LR_GRID, PROBE_NORM
 
 RECIPES = ('cifar', 'imagenet')
 
@@ -24,7 +25,7 @@ PRETRAIN = {
 # linear evaluation (linear.py): the CIFAR one is this project's probe study's; the ImageNet one the
 # official protocol (a plain head, LARS, batch 4096, lr 0.1, 90 epochs)
 LINEAR = {
-    'cifar': {'lr': None, 'probe_norm': 'bn', 'optimizer': 'sgd', 'momentum': 0.9, 'batch_size': 256,
+    'cifar': {'lr': LR_GRID, 'probe_norm': PROBE_NORM, 'optimizer': 'sgd', 'momentum': 0.9, 'batch_size': 256,
               'epochs': 90},
     'imagenet': {'lr': [0.1], 'probe_norm': 'none', 'optimizer': 'lars', 'momentum': 0.9, 'batch_size': 4096,
                  'epochs': 90},

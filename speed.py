@@ -44,18 +44,22 @@ class Speed:
                 + (f' (auto: {self.why})' if self.why else ''))
 
 
+def _cpu_reports(check):
+    """Whether torch.cpu's `check` says yes and torch's kernels use AVX-512 here (not limited to AVX2)."""
+    found = getattr(torch.cpu, check, None)
+    return bool(found and found()) and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+
+
 def cpu_has_amx():
     """Whether this CPU multiplies bf16 matrices in AMX tiles, as torch reports it, and torch's kernels use
     AVX-512 here (a function of its own so that the tests can patch it both ways)."""
-    check = getattr(torch.cpu, '_is_amx_tile_supported', None)
-    return bool(check and check()) and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+    return _cpu_reports('_is_amx_tile_supported')
 
 
 def cpu_has_avx512_bf16():
     """Whether this CPU has AVX-512 BF16 dot products and torch's kernels use AVX-512 here (patched by the
     tests like cpu_has_amx)."""
-    check = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
-    return bool(check and check()) and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+    return _cpu_reports('_is_avx512_bf16_supported')
 
 
 def cpu_capability():

@@ -165,14 +165,22 @@ def check_memory(needed, available, where, instead):
                         f'{available / 2 ** 30:.2f} GiB are available ({MEMORY_BUDGET:.0%} may be used): {instead}')
 
 
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError)  # what PIL raises for a file it cannot read
+
+
+def _unreadable(path, split, e):
+    why = 'it is empty' if os.path.getsize(path) == 0 else str(e).replace(repr(path), '').strip() or 'damaged'
+    return UserError(f'cannot read image {path!r} ({why}): replace it with a readable image or '
+                     f'move it out of {split!r}')
+
+
 def _open_rgb(path, split):
+    """The image file at `path`, decoded as RGB; one line naming it when it cannot be read."""
     try:
         with Image.open(path) as img:
             return img.convert('RGB')
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        why = 'it is empty' if os.path.getsize(path) == 0 else str(e).replace(repr(path), '').strip() or 'damaged'
-        raise UserError(f'cannot read image {path!r} ({why}): replace it with a readable image or '
-                        f'move it out of {split!r}') from None
+    except UNREADABLE as e:
+        raise _unreadable(path, split, e) from None
 
 
 def _header_size(path, split):
@@ -180,9 +188,8 @@ def _header_size(path, split):
     try:
         with Image.open(path) as img:
             return img.size[1], img.size[0]
-    except (UnidentifiedImageError, OSError, ValueError):
-        _open_rgb(path, split)  # says why, in one line
-        raise
+    except UNREADABLE as e:
+        raise _unreadable(path, split, e) from None
 
 
 def load_stl10(root, split):
