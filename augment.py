@@ -221,9 +221,18 @@ def color_jitter(x, applied, factors, order, select=None):
     return x
 
 
-def random_grey(x, to_grey):
-    """Replace the images where to_grey (B,) by their 3-channel grey version."""
-    return torch.where(to_grey[:, None, None, None], grey(x), x)
+def random_grey(x, to_grey, select=None):
+    """Replace the images where to_grey (B,) by their 3-channel grey version. select=True (the default on a
+    CPU): only those images are made grey; select=False: the whole batch, a mask keeping the right version."""
+    if select is None:
+        select = x.device.type == 'cpu'
+    if not select:
+        return torch.where(to_grey[:, None, None, None], grey(x), x)
+    out = x.clone()
+    index = to_grey.nonzero().squeeze(1)
+    if len(index):
+        out[index] = grey(x[index]).expand(-1, 3, -1, -1)
+    return out
 
 
 def normalize(images, mean=MEAN, std=STD):
@@ -312,31 +321,56 @@ def random_blur(x, applied, sigma, kernel_size, select=None):
 
 # ----------------------------------------------------------------------------- the pipelines
 
-def _crop_and_flip(images, generator, config, size, sizes=None):
-    """RandomResizedCrop and RandomHorizontalFlip of a uint8 batch, in one resampling: float32 in [0, 1].
-    sizes (n, 2), optional: each image's (height, width) in the top-left corner of its canvas."""
-    n, _, height, width = images.shape
-    if sizes is not None:
-        height, width = sizes[:, 0], sizes[:, 1]
-    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, images.device)
-    flip = bernoulli(n, config['flip_p'], generator, images.device)
-    return resized_crop(to_float(images), *box, size, flip=flip)
+def sample_pretrain(n, height, width, generator, config=PRETRAIN, device='cpu'):
+    """Every random parameter of the SimSiam augmentation for n images (height and width: ints, or (n,)
+    tensors of each image's own size), drawn in the order pretrain_augment draws them: the crop box, the
+    flip, the jitter, the grey, the blur. A dict of (n, ...) tensors."""
+    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, device)
+    params = {'box': torch.stack(box, dim=1), 'flip': bernoulli(n, config['flip_p'], generator, device)}
+    params['jitter'], params['factors'], params['order'] = sample_jitter(n, config['jitter'], config['jitter_p'],
+                                                                         generator, device)
+    params['grey'] = bernoulli(n, config['grey_p'], generator, device)
+    if config.get('blur_p'):
+        params['blur'], params['sigma'] = sample_blur(n, config['blur_p'], config['blur_sigma'], generator, device)
+    return params
+
+
+def sample_linear(n, height, width, generator, config=LINEAR, device='cpu'):
+    """The random parameters of the linear-evaluation augmentation (the crop box and the flip)."""
+    box = sample_crops(n, height, width, config['scale'], config['ratio'], generator, device)
+    return {'box': torch.stack(box, dim=1), 'flip': bernoulli(n, config['flip_p'], generator, device)}
+
+
+def colour(x, params, config=PRETRAIN, size=IMAGE_SIZE):
+    """What follows the crop and the flip, on float images in [0, 1] with the parameters of `params`: the
+    jitter, the grey and (where the recipe has it) the blur; then the normalisation."""
+    if 'jitter' in params:
+        x = color_jitter(x, params['jitter'], params['factors'], params['order'])
+        x = random_grey(x, params['grey'])
+    if 'blur' in params:
+        x = random_blur(x, params['blur'], params['sigma'], blur_kernel_size(config['blur_sigma'][1], size))
+    return normalize(x, config.get('mean', MEAN), config.get('std', STD))
+
+
+def _crop_and_flip(images, params, size):
+    """RandomResizedCrop and RandomHorizontalFlip of a uint8 batch with the boxes and flips of `params`, in
+    one resampling: float32 in [0, 1]."""
+    return resized_crop(to_float(images), *params['box'].unbind(1), size, flip=params['flip'])
+
+
+def _sizes(images, sizes):
+    """(height, width) of the images of a batch: the batch's, or each image's of `sizes` (n, 2), its
+    (height, width) in the top-left corner of its canvas."""
+    return images.shape[-2:] if sizes is None else (sizes[:, 0], sizes[:, 1])
 
 
 def pretrain_augment(images, generator, config=PRETRAIN, size=IMAGE_SIZE, sizes=None):
     """The SimSiam augmentation of utils.pretrain_transform on a uint8 batch; returns normalised float32."""
-    n, device = len(images), images.device
-    x = _crop_and_flip(images, generator, config, size, sizes)
-    x = color_jitter(x, *sample_jitter(n, config['jitter'], config['jitter_p'], generator, device))
-    x = random_grey(x, bernoulli(n, config['grey_p'], generator, device))
-    if config.get('blur_p'):
-        sigma = config['blur_sigma']
-        applied, sigmas = sample_blur(n, config['blur_p'], sigma, generator, device)
-        x = random_blur(x, applied, sigmas, blur_kernel_size(sigma[1], size))
-    return normalize(x, config.get('mean', MEAN), config.get('std', STD))
+    params = sample_pretrain(len(images), *_sizes(images, sizes), generator, config, images.device)
+    return colour(_crop_and_flip(images, params, size), params, config, size)
 
 
 def linear_augment(images, generator, config=LINEAR, size=IMAGE_SIZE, sizes=None):
     """The linear-evaluation augmentation of utils.linear_transform on a uint8 batch."""
-    return normalize(_crop_and_flip(images, generator, config, size, sizes), config.get('mean', MEAN),
-                     config.get('std', STD))
+    params = sample_linear(len(images), *_sizes(images, sizes), generator, config, images.device)
+    return colour(_crop_and_flip(images, params, size), params, config, size)
