@@ -2,6 +2,7 @@
 
     python benchmark.py --arch resnet18 --batch_size 64 --device cpu
     python benchmark.py --arch resnet50 --batch_size 512 --device cuda
+    python benchmark.py --parts aug --aug pil,stream --data_root FOLDER --image_size 224
 
 Prints one table per part and the ratios against the seed-equivalent configuration (per-image PIL
 augmentation in DataLoader workers, float32, two forward passes). Repeated measurements are interleaved
@@ -17,8 +18,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 import augment
 import cli
@@ -26,13 +29,15 @@ import distributed
 import monitor
 import optim
 import plot
+import recipes
+import stream
 import utils
 from distributed import SINGLE
 from errors import UserError
 from model import ARCHS, ModelConfig, SimSiam, simsiam_loss
 from pretrain import train_epoch
 from run import Run
-from speed import Speed, bf16_pays, cpu_capability, resolve_speed
+from speed import AUGMENTATIONS, Speed, bf16_pays, cpu_capability, resolve_speed
 
 
 def parse_args(argv=None):
@@ -44,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument('--aug_images', type=cli.positive_int, default=1024,
                    help='images per augmentation measurement')
     p.add_argument('--repeats', type=cli.positive_int, default=3, help='interleaved repetitions of each training epoch')
-    p.add_argument('--aug_repeats', type=cli.positive_int, default=5, help='interleaved repetitions of each augmentation measurement')
+    p.add_argument('--aug_repeats', type=cli.positive_int, default=5,
+                   help='interleaved repetitions of each augmentation measurement')
     p.add_argument('--knn_bank', type=cli.positive_int, default=10000, help='kNN bank size N')
     p.add_argument('--knn_queries', type=cli.positive_int, default=2000, help='kNN query count M')
     p.add_argument('--num_workers', type=cli.non_negative_int, default=distributed.available_cpus(),
@@ -59,6 +65,18 @@ def parse_args(argv=None):
                         'real epoch of main.py, phase by phase)')
     p.add_argument('--rows', type=cli.positive_int, default=800,
                    help='CSV rows (epochs) of the run whose fixed costs are measured')
+    p.add_argument('--data_root', default=None,
+                   help="an image folder (<root>/train/<class>/*): --parts aug then measures the data paths of "
+                        "--aug on its files, each in a process of its own, against one training step's demand")
+    p.add_argument('--aug', default='pil,stream',
+                   help='with --data_root: the data paths to measure, comma-separated (pil, stream, batched)')
+    p.add_argument('--image_size', type=cli.positive_int, default=224, help='with --data_root: the crops\' side')
+    p.add_argument('--recipe', default='imagenet', choices=recipes.RECIPES,
+                   help="with --data_root: whose augmentation (the imagenet recipe's has the blur)")
+    p.add_argument('--write_folder', type=cli.positive_int, default=None,
+                   help='first write this many generated JPEGs (of --write_size, in 10 classes) into --data_root, '
+                        'unless it holds a train/ folder already')
+    p.add_argument('--write_size', default='320x256', help='the generated JPEGs\' WIDTHxHEIGHT')
     return p.parse_args(argv)
 
 
@@ -141,6 +159,155 @@ def bench_augmentation(args, device):
     table('augmented pairs per second (two views of one image = one pair)',
           ['path', 'where', 'pairs/s', 'x PIL'], rows)
     return t['pil'] / t['batched']
+
+
+# ----------------------------------------------------------------------------- the data paths on a folder
+
+def write_folder(root, n, size, seed=0):
+    """n JPEGs of size (width, height) under root/train/<class>/, 10 classes, of smooth random colours with a
+    little noise (about as compressible as photographs), and a few under root/test/."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for split, count in (('train', n), ('test', max(10, n // 50))):
+        for i in range(count):
+            folder = os.path.join(root, split, f'class{i % 10}')
+            os.makedirs(folder, exist_ok=True)
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                               Image.BICUBIC)
+            pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f'{i:06d}.jpg'),
+                                                                        quality=90)
+
+
+class PeakMemory:
+    """The peak, sampled every 50 ms, of the proportional set size (PSS: shared pages split among the
+    processes that share them) of this process and all its descendants (the DataLoader workers)."""
+
+    def __init__(self):
+        import threading
+        self.peak, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def _tree(pid):
+        pids, i = [pid], 0
+        while i < len(pids):
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f'/proc/{pids[i]}/task'):
+                    with open(f'/proc/{pids[i]}/task/{task}/children') as f:
+                        pids += [int(p) for p in f.read().split()]
+            i += 1
+        return pids
+
+    @staticmethod
+    def _pss(pid):
+        with contextlib.suppress(OSError):
+            with open(f'/proc/{pid}/smaps_rollup') as f:
+                for line in f:
+                    if line.startswith('Pss:'):
+                        return int(line.split()[1]) * 1024
+        return 0
+
+    def _watch(self):
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, sum(self._pss(p) for p in self._tree(os.getpid())))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def measure_path(path, root, image_size, recipe, batch_size, pairs, workers, device_name, out):
+    """In a process of its own: the pairs/s that the data path `path` supplies from the folder at `root`
+    (the first batch, with the workers' start, not timed), and the peak host PSS and device memory."""
+    device = torch.device(device_name)
+    augmentation, _, test_resize = recipes.AUGMENTATION[recipe]
+    with PeakMemory() as memory:
+        train = utils.load_dataset('folder', root, True, None, image_size, test_resize, path == 'batched',
+                                   decode=path != 'stream')
+        steps = max(2, pairs // batch_size + 1)
+        train = train.subset(torch.arange(min(len(train), steps * batch_size)))
+        source = stream.StreamSource(train, 'pretrain', 0, device, workers, SINGLE, image_size, augmentation) \
+            if path == 'stream' else utils.ViewSource(train, 'pretrain', path, 0, device, workers, SINGLE, image_size,
+                                                      augmentation)
+        batches, steps = source.epoch(1, batch_size)
+        batches = iter(batches)
+        next(batches)
+        sync(device)
+        start = time.perf_counter()
+        timed = sum(1 for _ in batches)
+        sync(device)
+        seconds = time.perf_counter() - start
+    peak_device = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+    out.put((timed * batch_size / seconds, memory.peak / 2 ** 30, peak_device, len(train)))
+
+
+def training_demand(arch, batch_size, image_size, device, steps=3):
+    """The pairs/s one SimSiam step of `arch` consumes at batch_size x image_size on `device`, with the
+    device's default speed settings (bf16 and channels_last where they pay), after a warm-up step."""
+    speed = resolve_speed(device)
+    torch.manual_seed(0)
+    config = ModelConfig(arch, stem='imagenet' if image_size > 64 else 'cifar')
+    model = SimSiam(config).to(device)
+    net = speed.prepare(model)
+    optimizer = optim.sgd(model.param_groups(), 0.05 * batch_size / 256, 0.9, 1e-4)
+    views = [torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(2)]
+    seconds = []
+    for step in range(steps + 1):
+        sync(device)
+        start = time.perf_counter()
+        with speed.autocast():
+            p1, p2, z1, z2 = net(speed.layout(views[0]), speed.layout(views[1]))
+        loss = simsiam_loss(p1, p2, z1, z2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        if step:
+            seconds.append(time.perf_counter() - start)
+    return batch_size / statistics.median(seconds), speed
+
+
+def bench_folder(args, device):
+    """The data paths of --aug on the folder's files, each in a fresh process, side by side with what one
+    training step consumes; returns {path: pairs/s}."""
+    import multiprocessing
+    if args.write_folder and not os.path.isdir(os.path.join(args.data_root, 'train')):
+        width, height = (int(v) for v in args.write_size.lower().split('x'))
+        print(f'writing {args.write_folder} JPEGs of {width}x{height} into {args.data_root} ...', flush=True)
+        write_folder(args.data_root, args.write_folder, (width, height))
+    paths = args.aug.split(',')
+    unknown = set(paths) - set(AUGMENTATIONS)
+    if unknown:
+        raise UserError(f'--aug: unknown {", ".join(sorted(unknown))}; choose from {", ".join(AUGMENTATIONS)}')
+    context = multiprocessing.get_context('spawn')
+    runs = {path: [] for path in paths}
+    for _ in range(args.aug_repeats):  # interleaved: a machine that slows down for a while slows every path alike
+        for path in paths:
+            out = context.Queue()
+            child = context.Process(target=measure_path, args=(path, args.data_root, args.image_size, args.recipe,
+                                                                args.batch_size, args.aug_images, args.num_workers,
+                                                                str(device), out))
+            child.start()
+            runs[path].append(out.get())
+            child.join()
+    # the median rate, the largest peaks
+    supplied = {path: (statistics.median(r[0] for r in rs), max(r[1] for r in rs),
+                       None if rs[0][2] is None else max(r[2] for r in rs), rs[0][3]) for path, rs in runs.items()}
+    demand, speed = training_demand(args.arch, args.batch_size, args.image_size, device)
+    rows = [[path, f'{rate:.0f}', f'{demand:.0f}', f'{rate / demand:.2f}', f'{host:.2f}',
+             '-' if on_device is None else f'{on_device:.2f}'] for path, (rate, host, on_device, _) in supplied.items()]
+    files = next(iter(supplied.values()))[3]
+    table(f'augmented {args.image_size} px pairs per second from {args.data_root} ({files} files read of '
+          f'{len(utils.list_folder(args.data_root, True)[1])}, median of {args.aug_repeats} interleaved runs, each '
+          f'in a process of its own), batch {args.batch_size}, {args.num_workers} workers, {device}; demand: one '
+          f'{args.arch} step ({speed})',
+          ['path', 'pairs/s', 'demand pairs/s', 'supply / demand', 'peak host GiB (PSS)', 'peak device GiB'], rows)
+    return {path: rate for path, (rate, *_) in supplied.items()}
 
 
 def pil_loader(dataset, n, workers):
@@ -236,8 +403,8 @@ def bench_knn(args, device):
     bank_features, test_features = {}, {}
 
     def embed():
-        bank_features['x'] = monitor.embed(fn, bank.images, 512, device)
-        test_features['x'] = monitor.embed(fn, test.images, 512, device)
+        bank_features['x'] = monitor.embed(fn, bank, 512, device)
+        test_features['x'] = monitor.embed(fn, test, 512, device)
         sync(device)
 
     def search():
@@ -373,8 +540,8 @@ def bench_phases(args, device):
                 timed('optimizer', optimizer.step)
             model.eval()
             fn = speed.wrap(model.backbone)
-            feats = timed('kNN embedding', lambda: (monitor.embed(fn, bank.images, args.batch_size, device),
-                                                    monitor.embed(fn, test.images, args.batch_size, device)))
+            feats = timed('kNN embedding', lambda: (monitor.embed(fn, bank, args.batch_size, device),
+                                                    monitor.embed(fn, test, args.batch_size, device)))
             timed('kNN search', lambda: monitor.knn_predict(feats[1], feats[0], bank.labels.to(device), 10,
                                                             min(200, len(bank)), 0.1))
             r.rows = fake_rows(args.rows)[:-1]
@@ -401,7 +568,8 @@ def main(args):
     unknown = parts - {'aug', 'train', 'knn', 'fixed', 'phases'}
     if unknown:
         raise UserError(f'--parts: unknown {", ".join(sorted(unknown))}')
-    aug_ratio = bench_augmentation(args, device) if 'aug' in parts else None
+    folder = bench_folder(args, device) if 'aug' in parts and args.data_root else None
+    aug_ratio = bench_augmentation(args, device) if 'aug' in parts and not args.data_root else None
     times = bench_training(args, device) if 'train' in parts else {}
     if 'knn' in parts:
         bench_knn(args, device)
@@ -411,6 +579,10 @@ def main(args):
     print('\nratios')
     if aug_ratio is not None:
         print(f'  batched / PIL augmentation, CPU, one thread: {aug_ratio:.1f}x')
+    if folder and 'pil' in folder:
+        for path, rate in folder.items():
+            if path != 'pil':
+                print(f'  {path} / pil pairs per second on the folder: {rate / folder["pil"]:.2f}x')
     if 'seed' in times and 'fast' in times:
         print(f'  fast / seed-equivalent training throughput: {times["seed"] / times["fast"]:.2f}x')
     if 'fp32' in times and 'fast' in times:

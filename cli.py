@@ -90,8 +90,11 @@ def add_run_flags(p, state, datasets, batch_size, epochs, dataset, data_root, he
     p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     p.add_argument('--seed', type=non_negative_int, default=0, help='random seed')
     p.add_argument('--aug', default='auto', choices=('auto',) + AUGMENTATIONS,
-                   help="'batched': augment whole batches on the device; 'pil': per-image PIL transforms in "
-                        "DataLoader workers (the reference path); auto = batched (the faster on both CPU and GPU)")
+                   help="'batched': the dataset held on the device, whole batches augmented there; 'pil': per-image "
+                        "PIL transforms in DataLoader workers (the reference path); 'stream': an image folder's "
+                        "files read batch by batch (decoded on the GPU where there is one), cropped in each image's "
+                        "geometry and augmented on the device, for datasets that do not fit in memory; auto = batched "
+                        "when the dataset fits in 80%% of the memory available, else stream")
     p.add_argument('--amp', default='auto', choices=('auto', 'on', 'off'),
                    help='bf16 autocast for the forward pass; auto = on for CUDA and for a CPU with AMX or '
                         'AVX512-BF16 (about 2x faster there), off on other CPUs (bf16 emulated, 22x slower)')

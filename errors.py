@@ -15,6 +15,11 @@ class JobError(UserError):
     others exit quietly."""
 
 
+class DataError(UserError):
+    """A problem with the data met during a run (an image file that cannot be read): its line says what
+    the run keeps."""
+
+
 class NonFiniteLoss(Exception):
     """A loss that is not finite: of a training step, or (step None) of the evaluation after an epoch."""
 

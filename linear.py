@@ -18,6 +18,7 @@ import cli
 import distributed
 import files
 import recipes
+import stream
 import utils
 from augment import normalize
 from errors import JobError, UserError
@@ -60,6 +61,7 @@ def parse_args(argv=None):
                                         '256; 4096)',
                           'epochs': 'passes over the training set (recipe: 90)'})
     args = p.parse_args(argv)
+    args.aug_auto = None  # why --aug auto chose its path, once main() has looked at the data
     args.from_recipe = None  # the flags the recipe sets, once main() has read the checkpoint's
     return args
 
@@ -94,11 +96,12 @@ def load_pretrained(path):
     return ckpt, pretrained_backbone(ckpt, f'--model_path {path!r}')
 
 
-def test_batches(data, batch_size, device, world=distributed.SINGLE):
-    """This process's chunks of the test set (all of it in one process), under the test transform."""
-    for start, stop in distributed.shard_chunks(len(data), batch_size, world):
-        images = data.images[start:stop].to(device, non_blocking=True)
-        yield [normalize(images, data.mean, data.std)], data.labels[start:stop].to(device, non_blocking=True)
+def test_batches(data, batch_size, device, world=distributed.SINGLE, num_workers=0):
+    """This process's chunks of the test set (all of it in one process), under the test transform; a set of
+    files (the stream path) read with `num_workers` DataLoader workers."""
+    ranges = distributed.shard_chunks(len(data), batch_size, world)
+    for images, labels in stream.test_images(data, ranges, device, num_workers):
+        yield [normalize(images, data.mean, data.std)], labels
 
 
 def snapshot(module):
@@ -171,11 +174,22 @@ def main(args):
     name = args.name or output_name(args.model_path)
     ckpt, pretrained = load_pretrained(args.model_path)  # refused before anything else
     args.recipe, args.from_recipe = resolve_recipe(args, ckpt)
-    with distributed.processes(args.device, os.environ) as (world, device), \
-            Run('linear.py', f'{name}_linear', vars(args), world=world, state_kind='simsiam_linear_state',
-                columns=columns(args.lr, val_fraction(args.val_split, args.lr) > 0),
-                title=f'{name} linear evaluation') as run:
-        evaluate(args, run, world, device, ckpt, pretrained)
+    with distributed.processes(args.device, os.environ) as (world, device):
+        dataset, data_root, image_size, test_resize = data_settings(args, ckpt)
+        args.aug, args.aug_auto = distributed.on_main(lambda: utils.choose_aug(
+            args.aug, dataset, data_root, image_size, test_resize, device), world)
+        with Run('linear.py', f'{name}_linear', vars(args), world=world, state_kind='simsiam_linear_state',
+                 columns=columns(args.lr, val_fraction(args.val_split, args.lr) > 0), title=f'{name} linear evaluation') as run:
+            evaluate(args, run, world, device, ckpt, pretrained)
+
+
+def data_settings(args, ckpt):
+    """(dataset, data_root, image size, test transform's resize / image size) of the evaluation: the flags',
+    else the pretraining's. The test transform is the pretraining's recipe's, which the frozen backbone was
+    trained on."""
+    return (args.dataset or ckpt['args']['dataset'], args.data_root or ckpt['args']['data_root'],
+            ckpt['args'].get('image_size', utils.IMAGE_SIZE),
+            recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')][2])
 
 
 def evaluate(args, run, world, device, ckpt, pretrained):
@@ -192,18 +206,17 @@ def evaluate(args, run, world, device, ckpt, pretrained):
                         f'but {args.model_path!r} now holds epoch {ckpt["epoch"]}; evaluate it afresh under '
                         f'another --name or --results_dir')
 
-    # the data, with the validation split held out of the training set
-    dataset = args.dataset or ckpt['args']['dataset']
-    data_root = args.data_root or ckpt['args']['data_root']
-    # the probe's crop from the evaluation's recipe; the input statistics and the test transform are the
-    # pretraining's, which the frozen backbone was trained on
-    trained_on, _, test_resize = recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')]
+    # the data, with the validation split held out of the training set; the probe's crop from the
+    # evaluation's recipe, the input statistics the pretraining's, which the frozen backbone was trained on
+    dataset, data_root, image_size, test_resize = data_settings(args, ckpt)
+    trained_on = recipes.AUGMENTATION[ckpt['args'].get('recipe', 'cifar')][0]
     augmentation = {**recipes.AUGMENTATION[args.recipe][1], 'mean': trained_on['mean'], 'std': trained_on['std']}
-    image_size = ckpt['args'].get('image_size', utils.IMAGE_SIZE)
     speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
+    if args.aug_auto:
+        log(f'data path: {args.aug} (--aug auto: {args.aug_auto})', flush=True)
     train, test = distributed.on_main(lambda: utils.load_splits(
         dataset, data_root, image_size, test_resize, augmentation['mean'], augmentation['std'],
-        views=speed.aug == 'batched'), world)
+        speed.aug == 'batched', speed.aug != 'stream'), world)
     utils.require_a_step(args.batch_size, len(train))
     train, val = utils.split_off(train, val_split, args.seed)
     if grid and not len(val):
@@ -231,9 +244,12 @@ def evaluate(args, run, world, device, ckpt, pretrained):
     run.write_record(device, {
         'lr_resolved': heads.init_lrs if grid else heads.init_lrs[0], 'speed': str(speed),
         'pretrained': {'path': args.model_path, 'epoch': ckpt['epoch'], 'args': ckpt['args']},
-        'train_images': len(train), 'val_images': len(val), 'test_images': len(test), 'classes': train.classes})
-    source = utils.ViewSource(train, 'linear', speed.aug, args.seed, device,
-                              distributed.worker_count(args.num_workers, world), world, image_size, augmentation)
+        'train_images': len(train), 'val_images': len(val), 'test_images': len(test), 'classes': train.classes,
+        'aug': speed.aug})
+    workers = distributed.worker_count(args.num_workers, world)
+    source = stream.StreamSource(train, 'linear', args.seed, device, workers, world, image_size, augmentation) \
+        if speed.aug == 'stream' else \
+        utils.ViewSource(train, 'linear', speed.aug, args.seed, device, workers, world, image_size, augmentation)
     features = speed.wrap(speed.prepare(backbone).eval())  # eval mode: BN statistics never change
     common = {'model_args': ckpt['model_args'], 'classes': train.classes, 'pretrain_args': ckpt['args'],
               'pretrained_epoch': ckpt['epoch']}
@@ -247,8 +263,9 @@ def evaluate(args, run, world, device, ckpt, pretrained):
         with tqdm(batches, total=steps, desc=f'Linear Epoch [{epoch}/{args.epochs}]',
                   dynamic_ncols=True, disable=not world.main) as bar:
             trains = heads.train_epoch(features, bar, epoch, bar=bar)
-        tests = heads.evaluate(features, test_batches(test, args.batch_size, device, world))
-        vals = heads.evaluate(features, test_batches(val, args.batch_size, device, world)) if len(val) else None
+        tests = heads.evaluate(features, test_batches(test, args.batch_size, device, world, workers))
+        vals = heads.evaluate(features, test_batches(val, args.batch_size, device, world, workers)) \
+            if len(val) else None
         heads.check(epoch, {'test': tests, 'validation': vals})
         if epoch == first_epoch:
             changed = changed_entries(backbone, frozen)

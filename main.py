@@ -19,6 +19,7 @@ import monitor
 import optim
 import plot
 import recipes
+import stream
 import utils
 from errors import UserError
 from model import (ABLATIONS, ARCHS, MLP_BN, PREDICTORS, SIMILARITIES, STEMS, ModelConfig, SimSiam, count_model,
@@ -92,6 +93,7 @@ def parse_args(argv=None):
                           'batch_size': 'images per step; under torchrun the global batch, shared out (recipe: 512)',
                           'epochs': 'passes over the training set (recipe: 800; 100)'})
     args = p.parse_args(argv)
+    args.aug_auto = None  # why --aug auto chose its path, once main() has looked at the data
     args.from_recipe = recipes.apply(args, recipes.PRETRAIN[args.recipe])
     if 'fix_pred_lr' in args.from_recipe and args.predictor != 'mlp':
         args.fix_pred_lr = False  # the recipe's, and there is no trained predictor to keep at its lr
@@ -158,11 +160,14 @@ def describe(row, epochs):
 def main(args):
     check_args(args)
     name = run_name(args)
-    with distributed.processes(args.device, os.environ) as (world, device), \
-            Run('main.py', name, vars(args), columns=COLUMNS + knn_columns(args),
-                world=world, state_kind='simsiam_state',
-                outputs={**OUTPUTS, 'neighbours': 'neighbours.png'}, title=name) as run:
-        pretrain(args, run, world, device)
+    with distributed.processes(args.device, os.environ) as (world, device):
+        test_resize = recipes.AUGMENTATION[args.recipe][2]
+        args.aug, args.aug_auto = distributed.on_main(lambda: utils.choose_aug(
+            args.aug, args.dataset, args.data_root, args.image_size, test_resize, device), world)
+        with Run('main.py', name, vars(args), columns=COLUMNS + knn_columns(args),
+                 world=world, state_kind='simsiam_state', outputs={**OUTPUTS, 'neighbours': 'neighbours.png'},
+                 title=name) as run:
+            pretrain(args, run, world, device)
 
 
 def pretrain(args, run, world, device):
@@ -170,12 +175,15 @@ def pretrain(args, run, world, device):
     distributed.local_batch(args.batch_size, world)
     state = run.start()
     speed = resolve_speed(device, args.aug, args.amp, args.channels_last, args.compile)
+    if args.aug_auto:
+        log(f'data path: {args.aug} (--aug auto: {args.aug_auto})', flush=True)
     augmentation, _, test_resize = recipes.AUGMENTATION[args.recipe]
+    views, decode = speed.aug == 'batched', speed.aug != 'stream'
     train, test = distributed.on_main(lambda: utils.load_splits(
         args.dataset, args.data_root, args.image_size, test_resize, augmentation['mean'], augmentation['std'],
-        views=speed.aug == 'batched'), world)
+        views, decode), world)
     data = distributed.on_main(lambda: utils.pretraining_set(args.dataset, args.data_root, train, args.image_size,
-                                                             test_resize, views=speed.aug == 'batched'), world)
+                                                             test_resize, views, decode), world)
     utils.require_a_step(args.batch_size, len(data))
     bank, queries = utils.capped(train, args.knn_bank, args.seed, 1), utils.capped(test, args.knn_queries, args.seed, 2)
     k = min(args.k, len(bank))
@@ -208,9 +216,11 @@ def pretrain(args, run, world, device):
     log(f'speed: {speed}', flush=True)
     run.write_record(device, {'lr_resolved': init_lr, 'speed': str(speed), 'model_args': config.to_dict(),
                               'train_images': len(data), 'test_images': len(test), 'classes': train.classes,
-                              'counts': counts, 'augmentation': augmentation})
-    source = utils.ViewSource(data, 'pretrain', speed.aug, args.seed, device,
-                              distributed.worker_count(args.num_workers, world), world, args.image_size, augmentation)
+                              'counts': counts, 'augmentation': augmentation, 'aug': speed.aug})
+    workers = distributed.worker_count(args.num_workers, world)
+    source = stream.StreamSource(data, 'pretrain', args.seed, device, workers, world, args.image_size, augmentation) \
+        if speed.aug == 'stream' else \
+        utils.ViewSource(data, 'pretrain', speed.aug, args.seed, device, workers, world, args.image_size, augmentation)
     net = speed.prepare(model, lambda m: distributed.data_parallel(m, world, device))
     knn_fn = speed.wrap(model.backbone if args.knn_feature == 'backbone' else model.encode)
     loss_fn = functools.partial(simsiam_loss, similarity=args.loss, symmetric=args.symmetric == 'on')
@@ -230,7 +240,7 @@ def pretrain(args, run, world, device):
         if epoch % args.knn_every == 0 or epoch == args.epochs:
             model.eval()
             row['test_acc@1'], row['test_acc@5'], *features[:] = monitor.knn_monitor(
-                knn_fn, bank, queries, k, args.knn_t, args.batch_size, device, world)
+                knn_fn, bank, queries, k, args.knn_t, args.batch_size, device, world, workers)
             row.update(zip(knn_columns(args), (len(bank), len(queries))))
         epoch_time = time.perf_counter() - start
         row.update(train_time=train_time, knn_time=epoch_time - train_time, epoch_time=epoch_time,

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-from augment import MEAN, STD, normalize
+import stream
+from augment import normalize
 from distributed import SINGLE
 
 # z_std_ratio under this is reported: a ratio r means the normalised outputs spread like those of a
@@ -36,15 +37,15 @@ def knn_predict(feature, feature_bank, feature_labels, classes, k, t, chunk_size
 
 
 @torch.no_grad()
-def embed(fn, images, batch_size, device, ranges=None, mean=MEAN, std=STD):
-    """L2-normalised float32 features (N, D) of uint8 images under the test transform: of every image in
-    batches of batch_size, or of the rows [start, stop) of each of `ranges`, in order."""
+def embed(fn, data, batch_size, device, ranges=None, num_workers=0):
+    """L2-normalised float32 features (N, D) of an ImageSet's images under the test transform, normalised
+    with its statistics: of every image in batches of batch_size, or of the rows [start, stop) of each of
+    `ranges`, in order. A set of files (the stream path) is read with `num_workers` DataLoader workers."""
     if ranges is None:
-        ranges = distributed.shard_chunks(len(images), batch_size, SINGLE)
+        ranges = distributed.shard_chunks(len(data), batch_size, SINGLE)
     out = []
-    for start, stop in ranges:
-        x = normalize(images[start:stop].to(device, non_blocking=True), mean, std)
-        out.append(F.normalize(fn(x).float(), dim=1))
+    for images, _ in stream.test_images(data, ranges, device, num_workers):
+        out.append(F.normalize(fn(normalize(images, data.mean, data.std)).float(), dim=1))
     return torch.cat(out) if out else torch.empty(0, device=device)
 
 
@@ -54,21 +55,21 @@ def topk_correct(ranked, labels, ks=(1, 5)):
     return [hits[:, :min(k, ranked.size(1))].any(dim=1).sum().item() for k in ks]
 
 
-def knn_monitor(fn, bank, test, k, t, batch_size, device, world=SINGLE):
+def knn_monitor(fn, bank, test, k, t, batch_size, device, world=SINGLE, num_workers=0):
     """kNN top-1 and top-5 accuracy (%) of the test set against a bank of training images, and the
     features (bank (N, D), test (M, D)) it compared.
 
     fn maps a normalised batch to features; the caller puts the model in eval mode. The bank uses the
     test transform (one view), as do the queries. Under torchrun each process embeds its chunks of the
     bank and of the queries (distributed.shard_chunks), the bank is gathered, each process classifies its
-    queries, and the hit counts are summed: the same numbers as one process computes.
+    queries, and the hit counts are summed: the same numbers as one process computes. Sets of files (the
+    stream path) are read with `num_workers` DataLoader workers.
     """
-    norm = {'mean': bank.mean, 'std': bank.std}  # the recipe's
-    bank_local = embed(fn, bank.images, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world),
-                       **norm)
+    bank_local = embed(fn, bank, batch_size, device, distributed.shard_chunks(len(bank), batch_size, world),
+                       num_workers)
     bank_features = distributed.gather_chunks(bank_local, len(bank), batch_size, world)
     ranges = distributed.shard_chunks(len(test), batch_size, world)
-    test_local = embed(fn, test.images, batch_size, device, ranges, **norm)
+    test_local = embed(fn, test, batch_size, device, ranges, num_workers)
     hits = [0, 0]
     if ranges:
         labels = torch.cat([test.labels[start:stop] for start, stop in ranges]).to(device)
@@ -92,8 +93,8 @@ def neighbour_panel(bank, test, bank_features, test_features, n):
     queries = torch.linspace(0, len(test) - 1, min(n, len(test))).long()
     index, sim = nearest(test_features[queries.to(test_features.device)], bank_features, n)
     index, sim = index.cpu(), sim.cpu()
-    return test.images[queries], bank.images[index], test.labels[queries].tolist(), bank.labels[index].numpy(), \
-        sim.numpy()
+    return stream.pictures(test, queries), stream.pictures(bank, index), test.labels[queries].tolist(), \
+        bank.labels[index].numpy(), sim.numpy()
 
 
 # ----------------------------------------------------------------------------- collapse

@@ -18,11 +18,11 @@ import distributed
 import files
 import plot
 import signals
-from errors import JobError, NonFiniteLoss, UserError
+from errors import DataError, JobError, NonFiniteLoss, UserError
 
 # Arguments that may change when a run is resumed: they do not change what the run computes.
 HARMLESS = frozenset({'num_workers', 'device', 'resume', 'data_root', 'results_dir', 'compile', 'save_every',
-                      'from_recipe'})  # the values it names are compared themselves
+                      'from_recipe', 'aug_auto'})  # the values it names are compared themselves
 
 
 # ----------------------------------------------------------------------------- random-number states
@@ -163,6 +163,9 @@ class Run:
                 failed = self.settle()  # the last set is complete on disk before the script exits
                 if ending is None and isinstance(error, NonFiniteLoss):
                     ending = self._stopped(error, failed)
+                elif ending is None and isinstance(error, DataError):
+                    kept = self.kept() if self.world.main else 'rank 0 keeps the last complete epoch'
+                    ending = type(error)(f'{error}; training stopped and {kept}')
                 elif ending is None and failed is not None and kind is None:
                     ending = UserError(f'{failed}; {self.kept()}')
                 self.painter.flush()  # the picture of the last set on disk

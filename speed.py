@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-AUGMENTATIONS = ('batched', 'pil')
+AUGMENTATIONS = ('batched', 'pil', 'stream')
 
 
 @dataclass
@@ -86,8 +86,9 @@ def bf16_pays(device):
 
 
 def resolve_speed(device, aug='auto', amp='auto', channels_last='auto', compile=False):
-    """The Speed the flags ask for on `device`. 'auto' picks batched augmentation, and bf16 autocast and
-    channels_last where they pay (bf16_pays); the reason goes into the Speed."""
+    """The Speed the flags ask for on `device`. 'auto' picks bf16 autocast and channels_last where they pay
+    (bf16_pays), and the batched augmentation (the scripts resolve --aug auto by the dataset's size first,
+    utils.choose_aug); the reason goes into the Speed."""
     fast, why = bf16_pays(device)
 
     def pick(value):

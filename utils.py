@@ -22,7 +22,6 @@ from augment import IMAGE_SIZE, LINEAR, MEAN, PRETRAIN, STD
 from distributed import SINGLE
 from errors import JobError, UserError
 from signals import ignore_in_worker
-from speed import AUGMENTATIONS
 
 DATASETS = ('cifar10', 'cifar100', 'stl10', 'folder')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
@@ -58,6 +57,9 @@ class ImageSet:
     (N, 3, H, W) holding each image, downscaled with its aspect ratio kept (utils.stored_size), in its
     top-left (sizes[i] = its (height, width)); and `paths`, the image files, which the PIL path opens
     itself so that it crops the original.
+
+    On the stream path nothing is decoded in advance: `images` is None, and the files are read batch by batch
+    (stream.py) under the test transform of `image_size` and `test_resize`.
     """
     images: torch.Tensor
     labels: torch.Tensor
@@ -67,6 +69,8 @@ class ImageSet:
     paths: list = None
     mean: tuple = MEAN
     std: tuple = STD
+    image_size: int = IMAGE_SIZE
+    test_resize: float = 1.0
 
     def __len__(self):
         return len(self.labels)
@@ -75,8 +79,8 @@ class ImageSet:
         """The images at `index` (a tensor of indices or a bool mask), with what the augmentation crops."""
         pick = (lambda t: None if t is None else t[index])
         paths = None if self.paths is None else [self.paths[i] for i in torch.arange(len(self))[index].tolist()]
-        return ImageSet(self.images[index], self.labels[index], self.classes, pick(self.views), pick(self.sizes),
-                        paths, self.mean, self.std)
+        return dataclasses.replace(self, images=pick(self.images), labels=self.labels[index], views=pick(self.views),
+                                   sizes=pick(self.sizes), paths=paths)
 
     @property
     def crop_source(self):
@@ -263,15 +267,12 @@ def load_stl10(root, split):
     return ImageSet(images, labels, classes)
 
 
-def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.0, views=True):
-    """An image folder `root/{train,test}/<class>/*` (or `val/` for `test/`, as ImageNet's) of any sizes and
-    aspect ratios, images made RGB.
-
-    `images` are the test transform's: the shorter side resized to image_size x test_resize, then the
-    central image_size x image_size. With `views`, the batched path's copy of each image is kept too, at
-    stored_size in a canvas (a folder of images all image_size x image_size needs none: they are their
-    own). The memory all this takes is checked before the first image is decoded.
-    """
+def list_folder(root, train, classes=None):
+    """(the split's directory, its image files, their labels, the classes) of an image folder
+    `root/{train,test}/<class>/*` (or `val/` for `test/`, as ImageNet's); the classes are the split's own
+    unless given (the training split's, for its test split)."""
+    if not os.path.isdir(root):
+        raise UserError(f'--data_root {root!r} does not exist')
     split = os.path.join(root, 'train' if train else 'test')
     if not train and not os.path.isdir(split) and os.path.isdir(os.path.join(root, 'val')):
         split = os.path.join(root, 'val')  # the ImageNet layout
@@ -295,15 +296,70 @@ def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.
                 labels.append(label)
     if not paths:
         raise UserError(f'--dataset folder: no images found under {split!r}')
+    return split, paths, labels, list(classes)
+
+
+def held_bytes(sizes, image_size, test_resize=1.0, views=True):
+    """The bytes the batched path holds of images of (height, width) `sizes`: each under the test transform,
+    and with `views` the canvas of copies it crops (none for a folder whose images are all image_size
+    square already)."""
+    resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
+    own = not resized and all(size == (image_size, image_size) for size in sizes)
+    stored = [stored_size(h, w, image_size) for h, w in sizes] if views and not own else [(0, 0)]
+    canvas = max(h for h, _ in stored) * max(w for _, w in stored)
+    return len(sizes) * 3 * (image_size ** 2 + canvas)
+
+
+FOLDER_SAMPLE = 256  # the files whose headers --aug auto reads to estimate what a folder needs
+
+
+def choose_aug(aug, dataset, root, image_size, test_resize, device):
+    """(the augmentation path, why --aug auto chose it, or None when --aug named it): 'auto' takes 'batched'
+    when the dataset fits in the memory budget (MEMORY_BUDGET of the host memory available, and of the GPU's
+    free memory on CUDA), else 'stream'. A folder's need is estimated from the headers of FOLDER_SAMPLE of
+    its files, spread evenly through it."""
+    if aug != 'auto':
+        return aug, None
+    if dataset != 'folder':
+        return 'batched', f'{dataset} is held in memory'
+    split, paths, _, classes = list_folder(root, True)
+    sample = paths[::max(1, len(paths) // FOLDER_SAMPLE)][:FOLDER_SAMPLE]
+    sizes = [_header_size(path, split) for path in sample]
+    test = len(list_folder(root, False, classes)[1])
+    needed = held_bytes(sizes, image_size, test_resize) * len(paths) / len(sizes) + test * 3 * image_size ** 2
+    budgets = [('host', host_memory_available())]
+    if device.type == 'cuda':
+        budgets.append(('GPU', torch.cuda.mem_get_info(device)[0]))
+    for where, available in budgets:
+        if available is not None and needed > MEMORY_BUDGET * available:
+            return 'stream', (f'the folder would take about {needed / 2 ** 30:.2f} GiB in memory, over '
+                              f'{MEMORY_BUDGET:.0%} of the {available / 2 ** 30:.2f} GiB of {where} memory available')
+    return 'batched', f'the folder takes about {needed / 2 ** 30:.2f} GiB in memory, within the budget'
+
+
+def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.0, views=True, decode=True):
+    """An image folder `root/{train,test}/<class>/*` (or `val/` for `test/`, as ImageNet's) of any sizes and
+    aspect ratios, images made RGB.
+
+    `images` are the test transform's: the shorter side resized to image_size x test_resize, then the
+    central image_size x image_size. With `views`, the batched path's copy of each image is kept too, at
+    stored_size in a canvas (a folder of images all image_size x image_size needs none: they are their
+    own). The memory all this takes is checked before the first image is decoded. Without `decode` (the
+    stream path), the files are only listed.
+    """
+    split, paths, labels, classes = list_folder(root, train, classes)
+    if not decode:
+        return ImageSet(None, torch.tensor(labels), classes, paths=paths, image_size=image_size,
+                        test_resize=test_resize)
     sizes = [_header_size(path, split) for path in paths]
     resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
     own = not resized and all(size == (image_size, image_size) for size in sizes)
     keep = views and not own
     stored = [stored_size(h, w, image_size) for h, w in sizes] if keep else []
     canvas = (max(h for h, _ in stored), max(w for _, w in stored)) if keep else (0, 0)
-    check_memory(len(paths) * 3 * (image_size ** 2 + canvas[0] * canvas[1]), host_memory_available(), 'host',
-                 'train with --aug pil, which reads the files as it goes' if keep else
-                 'use a smaller --image_size')
+    check_memory(held_bytes(sizes, image_size, test_resize, views), host_memory_available(), 'host',
+                 'train with --aug stream, which reads the files batch by batch' if keep else
+                 'use a smaller --image_size, or --aug stream')
     test = T.Compose([T.Resize(round(image_size * test_resize)), T.CenterCrop(image_size)])
     images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
     kept = np.zeros((len(paths), canvas[0], canvas[1], 3), np.uint8) if keep else None
@@ -315,8 +371,8 @@ def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.
             small = img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
             kept[i, :h, :w] = np.asarray(small, dtype=np.uint8)
     chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    return ImageSet(chw(images), torch.tensor(labels), list(classes),
-                    chw(kept) if keep else None, torch.tensor(stored) if keep else None, paths)
+    return ImageSet(chw(images), torch.tensor(labels), classes, chw(kept) if keep else None,
+                    torch.tensor(stored) if keep else None, paths, image_size=image_size, test_resize=test_resize)
 
 
 def at_size(data, image_size, test_resize=1.0):
@@ -341,18 +397,25 @@ def at_size(data, image_size, test_resize=1.0):
 
 
 def load_dataset(name, root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.0, views=True,
-                 split=None):
+                 split=None, decode=True):
     """A split of cifar10, cifar100, stl10 or an image folder at the run's image size, as an ImageSet
-    (`split` names STL-10's: 'train', 'test', 'unlabeled' or 'train+unlabeled')."""
+    (`split` names STL-10's: 'train', 'test', 'unlabeled' or 'train+unlabeled'); an image folder's files only
+    listed without `decode` (the stream path, which only folders take)."""
+    if not decode and name != 'folder':
+        raise UserError(f'--aug stream reads the files of an image folder, and {name} comes as arrays that are '
+                        f'held in memory: use --aug batched or pil (or auto)')
     if name in ('cifar10', 'cifar100'):
         return at_size(load_cifar(name, root, train), image_size, test_resize)
     if name == 'stl10':
         return at_size(load_stl10(root, split or ('train' if train else 'test')), image_size, test_resize)
     if name == 'folder':
-        if not os.path.isdir(root):
-            raise UserError(f'--data_root {root!r} does not exist')
-        return load_folder(root, train, classes, image_size, test_resize, views)
+        return load_folder(root, train, classes, image_size, test_resize, views, decode)
     raise UserError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+
+
+def only_tested(data):
+    """`data` without what only the training augmentation crops (its files too, unless they are all it has)."""
+    return dataclasses.replace(data, views=None, sizes=None, paths=None if data.images is not None else data.paths)
 
 
 def split_off(data, fraction, seed):
@@ -364,24 +427,25 @@ def split_off(data, fraction, seed):
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[held] = False
     held = held.sort().values
-    tested = dataclasses.replace(data, views=None, sizes=None, paths=None)  # the held-out part is only tested
+    tested = only_tested(data)  # the held-out part is only tested
     return data.subset(keep), tested.subset(held)
 
 
-def load_splits(name, root, image_size=IMAGE_SIZE, test_resize=1.0, mean=MEAN, std=STD, views=True):
+def load_splits(name, root, image_size=IMAGE_SIZE, test_resize=1.0, mean=MEAN, std=STD, views=True, decode=True):
     """(train, test) labelled ImageSets of a dataset, normalised by mean and std; the test split uses the
-    training split's classes. For STL-10, train is the labelled 5k; pretraining_set adds the unlabelled."""
-    train = load_dataset(name, root, True, None, image_size, test_resize, views)
-    test = load_dataset(name, root, False, train.classes, image_size, test_resize, False)
+    training split's classes. For STL-10, train is the labelled 5k; pretraining_set adds the unlabelled.
+    Without `decode` (the stream path), a folder's files are only listed."""
+    train = load_dataset(name, root, True, None, image_size, test_resize, views, decode=decode)
+    test = load_dataset(name, root, False, train.classes, image_size, test_resize, False, decode=decode)
     return [dataclasses.replace(d, mean=tuple(mean), std=tuple(std)) for d in (train, test)]
 
 
-def pretraining_set(name, root, train, image_size=IMAGE_SIZE, test_resize=1.0, views=True):
+def pretraining_set(name, root, train, image_size=IMAGE_SIZE, test_resize=1.0, views=True, decode=True):
     """What pretraining trains on: the labelled training split (`train`), and for STL-10 its 100k
     unlabelled images after it (labels -1; the kNN monitor uses only `train`)."""
     if name != 'stl10':
         return train
-    unlabeled = load_dataset(name, root, True, None, image_size, test_resize, views, split='unlabeled')
+    unlabeled = load_dataset(name, root, True, None, image_size, test_resize, views, split='unlabeled', decode=decode)
     cat = lambda a, b: None if a is None else torch.cat([a, b])
     return ImageSet(torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
                     train.classes, cat(train.views, unlabeled.views), None, None, train.mean, train.std)
@@ -392,7 +456,7 @@ def capped(data, limit, seed, salt):
     monitor reads): a fixed subset drawn from the seed, in the split's order."""
     if not limit or limit >= len(data):
         return data
-    data = dataclasses.replace(data, views=None, sizes=None, paths=None)  # no copy of the crop canvas
+    data = only_tested(data)  # no copy of the crop canvas
     return data.subset(torch.randperm(len(data), generator=generator(seed, 0xCA9, salt))[:limit].sort().values)
 
 
@@ -500,7 +564,7 @@ class ViewSource:
     """
 
     def __init__(self, data, stage, aug, seed, device, num_workers=0, world=SINGLE, size=IMAGE_SIZE, recipe=None):
-        assert stage in ('pretrain', 'linear') and aug in AUGMENTATIONS
+        assert stage in ('pretrain', 'linear') and aug in ('batched', 'pil')
         self.views = 2 if stage == 'pretrain' else 1
         self.aug, self.seed, self.device = aug, seed, device
         self.num_workers, self.world = num_workers, world

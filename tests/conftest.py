@@ -93,6 +93,26 @@ def folder_data(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp('folder'), 8, 4)
 
 
+# (width, height, mode) of the images of each class, cycled: landscape, portrait, square, small and grey
+GEOMETRIES = [(160, 96, 'RGB'), (60, 120, 'RGB'), (48, 48, 'L'), (140, 100, 'RGB'), (72, 150, 'L')]
+
+
+@pytest.fixture(scope='session')
+def jpegs(tmp_path_factory):
+    """A folder of JPEGs of mixed sizes (48-160 px), some portrait, some grayscale: 4 classes, 8 train and 3
+    test images each."""
+    root = tmp_path_factory.mktemp('jpegs')
+    for split, n, seed in (('train', 8, 0), ('test', 3, 1)):
+        images, labels = make_shapes(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            w, h, mode = GEOMETRIES[i % len(GEOMETRIES)]
+            folder = root / split / f'c{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).resize((w, h), Image.BILINEAR).convert(mode).save(folder / f'{i:03d}.jpg',
+                                                                                   quality=90)
+    return str(root)
+
+
 PIL = ['--aug', 'pil', '--num_workers', '2']  # augmentation in DataLoader worker processes
 
 

@@ -166,5 +166,69 @@ def test_benchmark_on_cuda():
     assert 'fast / seed-equivalent training throughput' in r.stdout
 
 
+# ----------------------------------------------------------------------------- the stream path on the GPU
+
+@pytest.fixture(scope='module')
+def mixed_files(tmp_path_factory):
+    """A folder of JPEGs of ImageNet-like sizes, RGB and grey (decoded on the GPU), with a CMYK JPEG and a PNG
+    in each class (decoded on the CPU): 4 classes, 16 train and 4 test images each."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp('mixed')
+    sizes = [(500, 375), (375, 500), (333, 500), (500, 332), (640, 480)]
+    for split, n, seed in (('train', 16, 0), ('test', 4, 1)):
+        images, labels = make_shapes(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = root / split / f'c{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = Image.fromarray(img).resize(sizes[i % len(sizes)], Image.BICUBIC)
+            if i % 8 == 0:
+                picture.save(folder / f'{i:03d}.png')
+            elif i % 8 == 1:
+                picture.convert('CMYK').save(folder / f'{i:03d}.jpg', quality=90)
+            else:
+                picture.convert('L' if i % 8 == 2 else 'RGB').save(folder / f'{i:03d}.jpg', quality=90)
+    return str(root)
+
+
+def test_gpu_decode_matches_the_cpu_decode(mixed_files):
+    """nvJPEG and libjpeg-turbo may round the inverse DCT and the upsampling of the chroma differently: the
+    tolerance is a mean absolute difference under 1 of 255 and no pixel more than 16 apart."""
+    import stream
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(mixed_files) for f in files)
+    on_gpu = [stream.read_image(p, on_gpu=True) for p in paths]
+    jpegs = [i for i, (payload, _) in enumerate(on_gpu) if payload.dim() == 1]
+    assert 0 < len(jpegs) < len(paths)  # the CMYK JPEGs and the PNGs are decoded on the CPU
+    decode, name = stream.gpu_decoder()
+    decoded = decode([on_gpu[i][0] for i in jpegs], torch.device('cuda'))
+    for i, image in zip(jpegs, decoded):
+        cpu, size = stream.read_image(paths[i], on_gpu=False)
+        assert image.shape == cpu.shape and tuple(image.shape[1:]) == size
+        difference = (image.cpu().int() - cpu.int()).abs()
+        assert difference.float().mean() < 1.0 and difference.max() <= 16, (name, paths[i])
+
+
+def test_stream_path_on_the_gpu_both_scripts(mixed_files, tmp_path):
+    r = run_script('main.py', *GPU[:2], '--k', '5', '--device', 'cuda', '--dataset', 'folder',
+                   '--data_root', mixed_files, '--results_dir', tmp_path, '--epochs', '2', '--name', 'gpu',
+                   '--aug', 'stream', '--image_size', '96', '--recipe', 'imagenet', '--knn_bank', '0',
+                   '--knn_queries', '0', '--batch_size', '16')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'speed: aug stream, amp bf16' in r.stdout
+    stats = pd.read_csv(tmp_path / 'gpu_statistics.csv')
+    assert stats['train_loss'].notna().all() and stats['test_acc@1'].between(0, 100).all()
+    lin = run_script('linear.py', '--model_path', tmp_path / 'gpu_model.pth', '--results_dir', tmp_path,
+                     '--epochs', '1', '--batch_size', '16', '--device', 'cuda', '--aug', 'stream')
+    assert lin.returncode == 0, lin.stderr[-3000:]
+
+
+def test_the_data_paths_benchmark_on_cuda(tmp_path):
+    """The README's GPU command for the stream path, on a small folder."""
+    r = run_script('benchmark.py', '--parts', 'aug', '--aug', 'pil,stream', '--data_root', tmp_path / 'folder',
+                   '--write_folder', '600', '--write_size', '500x375', '--image_size', '224', '--arch', 'resnet50',
+                   '--batch_size', '128', '--aug_images', '512', '--device', 'cuda')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'stream / pil pairs per second on the folder' in r.stdout
+
+
 if __name__ == '__main__':
     nccl_check()

@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ERRORS = os.path.join(ROOT, 'docs', 'errors.md')
 RAISED = {'UserError': 'one line, exit status 2', 'JobError': 'one line from rank 0, exit status 2',
+          'DamagedImage': 'an image file met during a run: one line, exit status 2, followed by what the run '
+                          'keeps ("; training stopped and <the state> holds epoch N, the last complete one")',
           'ArgumentTypeError': 'a bad flag value: `argument --flag: <message> (see --help)`, exit status 2'}
 
 

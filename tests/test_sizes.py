@@ -14,33 +14,13 @@ import linear
 import main
 import monitor
 import utils
-from conftest import FP32, make_shapes
+from conftest import FP32
 from model import ModelConfig, SimSiam
 from test_bad_input import run_cli
 from test_stl10 import offline, stl10_files_ok, write_stl10  # noqa: F401 (fixtures)
 
 SMALL = ['--arch', 'resnet18', '--feature_dim', '64', '--pred_dim', '16', '--proj_hidden_dim', '64', '--k', '5',
          '--device', 'cpu', '--num_workers', '0', '--dataset', 'folder', *FP32]
-# (width, height, mode) of the images of each class, cycled: landscape, portrait, square, small and grey
-GEOMETRIES = [(160, 96, 'RGB'), (60, 120, 'RGB'), (48, 48, 'L'), (140, 100, 'RGB'), (72, 150, 'L')]
-
-
-@pytest.fixture(scope='module')
-def jpegs(tmp_path_factory):
-    """A folder of JPEGs of mixed sizes (48-160 px), some portrait, some grayscale: 4 classes, 8 train and 3
-    test images each."""
-    root = tmp_path_factory.mktemp('jpegs')
-    for split, n, seed in (('train', 8, 0), ('test', 3, 1)):
-        images, labels = make_shapes(n, seed)
-        for i, (img, label) in enumerate(zip(images, labels)):
-            w, h, mode = GEOMETRIES[i % len(GEOMETRIES)]
-            folder = root / split / f'c{label}'
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).resize((w, h), Image.BILINEAR).convert(mode).save(folder / f'{i:03d}.jpg',
-                                                                                   quality=90)
-    return str(root)
-
-
 def test_a_folder_of_any_sizes_keeps_each_images_geometry(jpegs):
     train, _ = utils.load_splits('folder', jpegs, image_size=64)
     assert train.images.shape[1:] == (3, 64, 64)  # the test transform's images, at the run's size
@@ -207,13 +187,14 @@ def test_an_unreadable_jpeg_is_named_in_one_line(damage, jpegs, tmp_path, monkey
 
 
 def test_a_dataset_too_large_for_memory_ends_before_training_in_one_line(jpegs, tmp_path, monkeypatch, capsys):
+    # (--aug auto would take the stream path: tests/test_stream.py)
     monkeypatch.setattr(utils, 'host_memory_available', lambda: 2 ** 20)  # 1 MiB
     status, err = run_cli(main, [*SMALL, '--data_root', jpegs, '--results_dir', tmp_path / 'r', '--image_size', '64',
-                                 '--epochs', '1', '--batch_size', '8'], monkeypatch, capsys)
+                                 '--epochs', '1', '--batch_size', '8', '--aug', 'batched'], monkeypatch, capsys)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1, lines
     assert 'the dataset needs ' in lines[0] and 'GiB of host memory and 0.00 GiB are available' in lines[0]
-    assert 'train with --aug pil' in lines[0]
+    assert 'train with --aug stream, which reads the files batch by batch' in lines[0]
     assert not (tmp_path / 'r' / 'resnet18_folder_64_5_8_1_64px_statistics.csv').exists()
 
 
