@@ -89,8 +89,10 @@ def crop_views(image, boxes, size, flips=None):
     """The crops (top, left, h, w) of `boxes` (V, 4) of a (3, H, W) uint8 image, each resized to size x size
     as torchvision's RandomResizedCrop resamples (bilinear, antialiased), and mirrored where `flips` (V,):
     (V, 3, size, size) uint8."""
-    views = torch.stack([TF.resized_crop(image, *map(int, box), [size, size], antialias=True) for box in boxes])
-    return views if flips is None else torch.where(flips.to(views.device)[:, None, None, None], views.flip(-1), views)
+    flips = [False] * len(boxes) if flips is None else flips.tolist()  # host values: no device sync per image
+    return torch.stack([TF.horizontal_flip(view) if flip else view for view, flip in
+                        ((TF.resized_crop(image, *box, [size, size], antialias=True), flip)
+                         for box, flip in zip(boxes.tolist(), flips))])
 
 
 def test_view(image, size, resize):
@@ -197,8 +199,9 @@ class Batches:
         labels = torch.tensor([item[1] for item in items], dtype=torch.int64).to(self.device, non_blocking=True)
         if self.stage == 'test':
             return [images], labels
-        params = {key: torch.stack([item[4][key] for item in items], dim=1).flatten(0, 1).to(self.device)
-                  for key in items[0][4]}
+        params = {key: torch.stack([item[4][key] for item in items], dim=1).flatten(0, 1).to(self.device,
+                                                                                              non_blocking=True)
+                  for key in items[0][4] if key != 'box'}  # the boxes were used in the crops
         x = augment.colour(augment.to_float(images), params, self.recipe, self.size)
         return list(x.chunk(self.views)), labels
 
@@ -279,7 +282,8 @@ def test_images(data, ranges, device, num_workers=0):
     set is never shortened: its numbers would no longer be comparable)."""
     if data.images is not None:
         for start, stop in ranges:
-            yield data.images[start:stop].to(device, non_blocking=True), data.labels[start:stop].to(device)
+            yield (data.images[start:stop].to(device, non_blocking=True),
+                   data.labels[start:stop].to(device, non_blocking=True))
         return
     dataset = FileViews(data.paths, data.labels, 'test', 0, data.image_size, device_type=device.type,
                         test_resize=data.test_resize)

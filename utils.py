@@ -299,15 +299,22 @@ def list_folder(root, train, classes=None):
     return split, paths, labels, list(classes)
 
 
+def kept_views(sizes, image_size, test_resize=1.0, views=True):
+    """(the (height, width) at which the batched path keeps a copy of each image of `sizes` to crop, and the
+    canvas (height, width) that holds them): none with `views` False, or for a folder whose images are all
+    image_size square and left as they are by the test transform (they are their own copies)."""
+    resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
+    if not views or (not resized and all(size == (image_size, image_size) for size in sizes)):
+        return [], (0, 0)
+    stored = [stored_size(h, w, image_size) for h, w in sizes]
+    return stored, (max(h for h, _ in stored), max(w for _, w in stored))
+
+
 def held_bytes(sizes, image_size, test_resize=1.0, views=True):
     """The bytes the batched path holds of images of (height, width) `sizes`: each under the test transform,
-    and with `views` the canvas of copies it crops (none for a folder whose images are all image_size
-    square already)."""
-    resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
-    own = not resized and all(size == (image_size, image_size) for size in sizes)
-    stored = [stored_size(h, w, image_size) for h, w in sizes] if views and not own else [(0, 0)]
-    canvas = max(h for h, _ in stored) * max(w for _, w in stored)
-    return len(sizes) * 3 * (image_size ** 2 + canvas)
+    and the canvas of the copies it crops (kept_views)."""
+    height, width = kept_views(sizes, image_size, test_resize, views)[1]
+    return len(sizes) * 3 * (image_size ** 2 + height * width)
 
 
 FOLDER_SAMPLE = 256  # the files whose headers --aug auto reads to estimate what a folder needs
@@ -353,10 +360,8 @@ def load_folder(root, train, classes=None, image_size=IMAGE_SIZE, test_resize=1.
                         test_resize=test_resize)
     sizes = [_header_size(path, split) for path in paths]
     resized = round(image_size * test_resize) != image_size  # the test transform changes even a square image
-    own = not resized and all(size == (image_size, image_size) for size in sizes)
-    keep = views and not own
-    stored = [stored_size(h, w, image_size) for h, w in sizes] if keep else []
-    canvas = (max(h for h, _ in stored), max(w for _, w in stored)) if keep else (0, 0)
+    stored, canvas = kept_views(sizes, image_size, test_resize, views)
+    keep = bool(stored)
     check_memory(held_bytes(sizes, image_size, test_resize, views), host_memory_available(), 'host',
                  'train with --aug stream, which reads the files batch by batch' if keep else
                  'use a smaller --image_size, or --aug stream')
