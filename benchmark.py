@@ -221,9 +221,17 @@ class PeakMemory:
         self.thread.join()
 
 
-def measure_path(path, root, image_size, recipe, batch_size, pairs, workers, device_name, out):
-    """In a process of its own: the pairs/s that the data path `path` supplies from the folder at `root`
-    (the first batch, with the workers' start, not timed), and the peak host PSS and device memory."""
+def measure_in_child(out, *args):
+    """measure_path in a process of its own; what ended it, if it failed, in one line instead."""
+    try:
+        out.put(('ok', measure_path(*args)))
+    except BaseException as e:  # noqa: B902 (reported by the parent)
+        out.put(('error', (f'{type(e).__name__}: {e}'.splitlines() or [''])[0]))
+
+
+def measure_path(path, root, image_size, recipe, batch_size, pairs, workers, device_name):
+    """The pairs/s that the data path `path` supplies from the folder at `root` (the first batch, with the
+    workers' start, not timed), the peak host PSS and device memory, and the files read."""
     device = torch.device(device_name)
     augmentation, _, test_resize = recipes.AUGMENTATION[recipe]
     with PeakMemory() as memory:
@@ -243,7 +251,7 @@ def measure_path(path, root, image_size, recipe, batch_size, pairs, workers, dev
         sync(device)
         seconds = time.perf_counter() - start
     peak_device = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
-    out.put((timed * batch_size / seconds, memory.peak / 2 ** 30, peak_device, len(train)))
+    return timed * batch_size / seconds, memory.peak / 2 ** 30, peak_device, len(train)
 
 
 def training_demand(arch, batch_size, image_size, device, steps=3):
@@ -289,12 +297,15 @@ def bench_folder(args, device):
     for _ in range(args.aug_repeats):  # interleaved: a machine that slows down for a while slows every path alike
         for path in paths:
             out = context.Queue()
-            child = context.Process(target=measure_path, args=(path, args.data_root, args.image_size, args.recipe,
-                                                                args.batch_size, args.aug_images, args.num_workers,
-                                                                str(device), out))
+            child = context.Process(target=measure_in_child, args=(out, path, args.data_root, args.image_size,
+                                                                    args.recipe, args.batch_size, args.aug_images,
+                                                                    args.num_workers, str(device)))
             child.start()
-            runs[path].append(out.get())
+            status, result = out.get()
             child.join()
+            if status == 'error':
+                raise UserError(f'--aug {path} on {args.data_root!r}: {result}')
+            runs[path].append(result)
     # the median rate, the largest peaks
     supplied = {path: (statistics.median(r[0] for r in rs), max(r[1] for r in rs),
                        None if rs[0][2] is None else max(r[2] for r in rs), rs[0][3]) for path, rs in runs.items()}

@@ -69,7 +69,10 @@ def find_state(resume, state_path, kind, script, settings):
     missing = [k for k in ('args', 'epoch', 'rows', 'rng') if k not in state]
     if missing:
         raise UserError(f'--resume {resume!r} lacks {", ".join(missing)}: not a state written by {script}')
-    changed = run_differences(state['args'], settings)
+    saved = dict(state['args'])
+    if saved.get('aug') == 'auto':  # recorded before --aug auto was resolved into the settings: it was batched
+        saved['aug'] = 'batched'
+    changed = run_differences(saved, settings)
     if changed:
         raise UserError(f'--resume: these arguments differ from the saved run: {"; ".join(changed)}')
     return state

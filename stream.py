@@ -30,7 +30,8 @@ from errors import DataError
 from signals import ignore_in_worker
 from utils import UNREADABLE, EpochBatchSampler, generator
 
-JPEG_MODES = ('RGB', 'L')  # the JPEGs the GPU decodes; CMYK and YCCK ones are decoded on the CPU
+JPEG_MODES = ('RGB', 'L')
+EXIF_ORIENTATION = 0x0112  # the JPEGs the GPU decodes; CMYK and YCCK ones are decoded on the CPU
 
 
 class DamagedImage(DataError):
@@ -78,8 +79,10 @@ def read_image(path, on_gpu):
         data = f.read()
     with Image.open(io.BytesIO(data)) as img:
         size = img.size[1], img.size[0]
-        # a JPEG cut short lacks its end-of-image marker: the CPU decoder names it, nvJPEG might not
-        if on_gpu and img.format == 'JPEG' and img.mode in JPEG_MODES and data.rstrip(b'\0')[-2:] == b'\xff\xd9':
+        # a JPEG cut short lacks its end-of-image marker: the CPU decoder names it, nvJPEG might not; TorchCodec
+        # turns a JPEG by its EXIF orientation, which no other path does, so such a JPEG is decoded here
+        if on_gpu and img.format == 'JPEG' and img.mode in JPEG_MODES and data.rstrip(b'\0')[-2:] == b'\xff\xd9' \
+                and img.getexif().get(EXIF_ORIENTATION, 1) == 1:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
         rgb = img.convert('RGB')
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous(), size

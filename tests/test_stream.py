@@ -209,3 +209,28 @@ def test_the_gpu_paths_hand_over_bytes_and_images_and_give_the_cpu_batch(jpegs, 
     (c1, c2), c_labels = batches([cpu[(1, i)] for i in range(len(paths))])
     assert calls == [6] + [1] * 6
     assert torch.equal(g_labels, c_labels) and torch.equal(g1, c1) and torch.equal(g2, c2)
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_decoded_on_the_cpu(jpegs, tmp_path):
+    """TorchCodec's GPU decoder applies the EXIF orientation and the other paths do not: such a JPEG goes to
+    PIL, so that its crops are drawn in the geometry they are applied to."""
+    path = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(jpegs, 'train')) for f in files)[0]
+    image = Image.open(path).convert('RGB')
+    exif = Image.Exif()
+    exif[stream.EXIF_ORIENTATION] = 6  # turned 90 degrees
+    image.save(tmp_path / 'turned.jpg', exif=exif)
+    image.save(tmp_path / 'plain.jpg')
+    assert stream.read_image(str(tmp_path / 'plain.jpg'), on_gpu=True)[0].dim() == 1  # bytes, for the GPU
+    decoded, size = stream.read_image(str(tmp_path / 'turned.jpg'), on_gpu=True)
+    assert decoded.dim() == 3 and tuple(decoded.shape[1:]) == size == (image.size[1], image.size[0])
+
+
+def test_a_state_saved_with_aug_auto_unresolved_resumes_as_batched(tmp_path):
+    """States written before --aug auto was resolved into the settings recorded 'auto', which was batched."""
+    settings = {'aug': 'batched', 'lr': 0.03}
+    path = tmp_path / 'run_state.pth'
+    torch.save({'kind': 'simsiam_state', 'args': {**settings, 'aug': 'auto'}, 'epoch': 1, 'rows': [],
+                'rng': run.rng_state()}, path)
+    assert run.find_state(str(path), str(path), 'simsiam_state', 'main.py', settings)['epoch'] == 1
+    with pytest.raises(UserError, match=r'--aug batched \(now stream\)'):
+        run.find_state(str(path), str(path), 'simsiam_state', 'main.py', {**settings, 'aug': 'stream'})
